@@ -1,0 +1,79 @@
+"""Method options as dataclasses, built once from the CLI and written verbatim into results.json.
+
+Defaults are the published DuQuant/EAQuant scripts' (DUQUANT.md); `None` bit widths inherit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+VALID_BITS = tuple(range(2, 9)) + (16,)
+
+
+class ConfigError(ValueError):
+    """An invalid option; the message is one line that names the fix."""
+
+
+def check_bits(name: str, bits: int) -> None:
+    if bits not in VALID_BITS:
+        raise ConfigError(f"--{name} {bits} is out of range; use 2..8, or 16 for no quantization")
+
+
+@dataclass
+class QuantConfig:
+    """Fake-quantization precision of every tensor kind. 16 bits means "not quantized"."""
+
+    wbits: int = 4
+    abits: int = 4
+    kv_bits: int | None = None  # Q, K (after RoPE, per-head Hadamard) and V; None = abits
+    router_wbits: int = 8
+    router_abits: int = 8
+    w_sym: bool = False
+    a_sym: bool = False
+    swc: float = 0.8  # weight clip ratio
+    lac: float = 0.9  # activation clip ratio
+    w_clip: str = "minmax"  # or "mse": per-row clip-ratio search
+
+    def __post_init__(self):
+        if self.kv_bits is None:
+            self.kv_bits = self.abits
+        for name in ("wbits", "abits", "kv_bits", "router_wbits", "router_abits"):
+            check_bits(name, getattr(self, name))
+        for name in ("swc", "lac"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ConfigError(f"--{name} {getattr(self, name)} must be in (0, 1]")
+        if self.w_clip not in ("minmax", "mse"):
+            raise ConfigError(f"--w_clip {self.w_clip!r}: choose minmax or mse")
+
+    @property
+    def tag(self) -> str:
+        return f"w{self.wbits}a{self.abits}"
+
+
+@dataclass
+class DuQuantConfig:
+    """Which transforms to fit and how. All off is plain round-to-nearest (`--method rtn`)."""
+
+    smooth: bool = True
+    rotate: bool = True
+    permute: bool = True
+    alpha: float = 0.6
+    block_size: int = 128
+    max_rotation_step: int = 256
+    permutation_times: int = 1
+    rotation: str = "paper"  # "paper": per-block greedy on the outlier channel; "shared": the published code's one matrix
+    rotation_tokens: int = 2048  # calibration rows kept per site for fitting rotations
+    min_expert_tokens: int = 16  # below this an expert's transforms are fit on all MoE-input tokens
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"--alpha {self.alpha} must be in [0, 1]")
+        if self.block_size < 2:
+            raise ConfigError(f"--block_size {self.block_size} must be >= 2")
+        if self.rotation not in ("paper", "shared"):
+            raise ConfigError(f"--rotation {self.rotation!r}: choose paper or shared")
+        if self.permutation_times < 1 or self.max_rotation_step < 1:
+            raise ConfigError("--permutation_times and --max_rotation_step must be >= 1")
+
+    @classmethod
+    def rtn(cls) -> "DuQuantConfig":
+        return cls(smooth=False, rotate=False, permute=False)

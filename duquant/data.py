@@ -1,0 +1,95 @@
+"""Bundled text: perplexity sets built as GPTQ/DuQuant build them, and seeded calibration samplers.
+
+Everything reads `data/` in the repo (see data/README.md); nothing comes from a hub.
+WikiText-2 train does not exist here, so the default calibration text is C4 train.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+import torch
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+FILES = {
+    "wikitext2": DATA_DIR / "wikitext2" / "test.jsonl",
+    "c4_validation": DATA_DIR / "c4" / "validation.jsonl.gz",
+    "c4_train": DATA_DIR / "c4" / "train.jsonl.gz",
+    "gutenberg": DATA_DIR / "train_corpus" / "gutenberg_en.jsonl.gz",
+}
+PPL_DATASETS = ("wikitext2", "c4")
+CALIB_DATASETS = ("c4", "gutenberg")
+C4_PPL_DOCS, C4_PPL_SEGMENTS = 1100, 256
+
+
+class DataError(RuntimeError):
+    """Missing or too-small data; the message is one line that names the fix."""
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        raise DataError(f"data file {path} is missing; restore it with `git checkout -- {path.relative_to(DATA_DIR.parent)}`")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def ppl_text(name: str) -> str:
+    """WikiText-2 test joined with "\\n\\n" (GPTQ); C4 validation's first 1,100 docs joined with " "."""
+    if name == "wikitext2":
+        return "\n\n".join(r["text"] for r in read_jsonl(FILES["wikitext2"]))
+    if name == "c4":
+        return " ".join(r["text"] for r in read_jsonl(FILES["c4_validation"])[:C4_PPL_DOCS])
+    raise DataError(f"unknown perplexity dataset {name!r}; choose from {', '.join(PPL_DATASETS)}")
+
+
+def ppl_segments(name: str, tokenizer, seqlen: int, max_segments: int | None = None) -> torch.Tensor:
+    """Non-overlapping seqlen windows [n, seqlen]; C4 keeps at most 256 (GPTQ), fewer if the text is short."""
+    ids = tokenizer(ppl_text(name), return_tensors="pt", verbose=False).input_ids[0]
+    if name == "c4":
+        ids = ids[: C4_PPL_SEGMENTS * seqlen]
+    n = ids.numel() // seqlen
+    if max_segments is not None:
+        n = min(n, max_segments)
+    if n == 0:
+        raise DataError(f"{name} has {ids.numel()} tokens, fewer than one window of seqlen {seqlen}; lower --seqlen")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def _documents(name: str) -> list[str]:
+    if name == "c4":
+        return [r["text"] for r in read_jsonl(FILES["c4_train"])]
+    if name == "gutenberg":
+        return [r["text"] for r in read_jsonl(FILES["gutenberg"]) if r["split"] == "train"]
+    raise DataError(f"unknown calibration dataset {name!r}; choose from {', '.join(CALIB_DATASETS)}")
+
+
+def calibration_segments(name: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """nsamples random seqlen windows [nsamples, seqlen], seeded.
+
+    C4 follows GPTQ: pick a random document, then a random window inside it; documents shorter than
+    the window are redrawn. Gutenberg books are long, so each draw is a random window of a random book.
+    """
+    rng = random.Random(seed)
+    docs = _documents(name)
+    if name == "gutenberg":
+        docs = rng.sample(docs, k=min(len(docs), max(4, nsamples // 8)))
+    encoded: dict[int, torch.Tensor] = {}
+    out, tries = [], 0
+    while len(out) < nsamples:
+        tries += 1
+        if tries > 50 * nsamples + 1000:
+            raise DataError(
+                f"{name}: too few documents longer than seqlen {seqlen} for {nsamples} samples; lower --seqlen or --nsamples"
+            )
+        i = rng.randrange(len(docs))
+        if i not in encoded:
+            encoded[i] = tokenizer(docs[i], return_tensors="pt", verbose=False).input_ids[0]
+        ids = encoded[i]
+        if ids.numel() <= seqlen:
+            continue
+        start = rng.randrange(ids.numel() - seqlen)
+        out.append(ids[start : start + seqlen])
+    return torch.stack(out)

@@ -1,0 +1,111 @@
+"""Run a model one decoder layer at a time (the GPTQ "Catcher" loop).
+
+Only the layer being worked on, plus the embeddings, final norm and head, ever sit on the
+accelerator, so an 8x7B model calibrates and evaluates on one GPU. Calibration and evaluation
+share this runner, which keeps their numerics identical.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from models.spec import ModelSpec, decoder_layers, get_module
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for layer 0: records its inputs with every keyword argument, then stops the forward."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.inputs: list[torch.Tensor] = []
+        self.kwargs: dict | None = None
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.layer, name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.inputs.append(hidden_states)
+        if self.kwargs is None:
+            self.kwargs = kwargs
+        raise _Stop
+
+
+@contextmanager
+def non_layer_modules_on(model: nn.Module, spec: ModelSpec, device: torch.device):
+    """Embeddings, rotary tables, final norm and head on `device`; decoder layers stay where they are."""
+    prefix = spec.layers + "."
+    moved = [t for n, t in list(model.named_parameters()) + list(model.named_buffers()) if not n.startswith(prefix)]
+    home = [t.device for t in moved]
+    for t in moved:
+        t.data = t.data.to(device)
+    try:
+        yield
+    finally:
+        for t, d in zip(moved, home):
+            t.data = t.data.to(d)
+
+
+@torch.no_grad()
+def capture_layer_inputs(model, spec: ModelSpec, input_ids: torch.Tensor, device, batch_size: int = 1):
+    """First decoder layer's inputs, one tensor per batch of `input_ids`, and the shared kwargs."""
+    layers = decoder_layers(model, spec)
+    catcher = _Catcher(layers[0])
+    layers[0] = catcher
+    try:
+        with non_layer_modules_on(model, spec, device):
+            for s in range(0, input_ids.shape[0], batch_size):
+                try:
+                    model(input_ids=input_ids[s : s + batch_size].to(device), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        layers[0] = catcher.layer
+    return catcher.inputs, catcher.kwargs
+
+
+def _kwargs_for(kwargs: dict, batch: int) -> dict:
+    """The captured kwargs fit the first batch; a smaller last batch needs them sliced."""
+    out = {}
+    for k, v in kwargs.items():
+        if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] > batch:
+            v = v[:batch]
+        elif isinstance(v, tuple) and all(torch.is_tensor(t) and t.shape[0] > batch for t in v):
+            v = tuple(t[:batch] for t in v)
+        out[k] = v
+    return out
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+    outs = []
+    for x in inputs:
+        y = layer(x, **_kwargs_for(kwargs, x.shape[0]))
+        outs.append(y[0] if isinstance(y, tuple) else y)
+    return outs
+
+
+@torch.no_grad()
+def head_nll(model, spec: ModelSpec, hidden: list[torch.Tensor], input_ids: torch.Tensor, device) -> torch.Tensor:
+    """Per-window mean next-token NLL from the last layer's outputs."""
+    norm, head = get_module(model, spec.final_norm), get_module(model, spec.lm_head)
+    nlls, s = [], 0
+    with non_layer_modules_on(model, spec, device):
+        for h in hidden:
+            ids = input_ids[s : s + h.shape[0]].to(device)
+            s += h.shape[0]
+            logits = head(norm(h)).float()
+            nll = nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none"
+            ).view(h.shape[0], -1)
+            nlls.append(nll.mean(1).cpu())
+    return torch.cat(nlls)

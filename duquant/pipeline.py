@@ -1,0 +1,303 @@
+"""DuQuant's layer-wise pipeline: collect statistics, fit transforms, quantize, propagate.
+
+Per decoder layer, on the inputs produced by the already quantized layers before it:
+1. one FP pass with hooks gathers every site's statistics (DUQUANT.md §1, §5);
+2. smoothing is folded into the norm and readers (attn-in, moe-in/mlp-in) or into up_proj rows
+   (down-in); rotations and permutations are fit per site and applied online by `QLinear`;
+3. the calibration inputs run through the quantized layer to become the next layer's inputs.
+
+Extensions (EAQuant, MoEQuant) plug in through `Extensions`: they replace one step's rule
+and never fork the loop.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from models.experts import route_all_tokens, unfuse_experts
+from models.spec import LayerView, MLPView, ModelSpec, decoder_layers, resolve
+
+from . import kvquant
+from .config import DuQuantConfig, QuantConfig
+from .layerwise import capture_layer_inputs, run_layer
+from .qlinear import QLinear
+from .quantizer import ActQuantizer, WeightQuantizer
+from .stats import LayerStats, collect
+from .transforms import Compose, Smooth, fit_duquant, fit_smooth
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Extensions:
+    """Replaceable steps. Each receives the layer view and its statistics.
+
+    moe_smoothing(view, stats, alpha) -> s [C]: the one smoothing vector of the MoE input.
+    quantize_router(view, weight_t, x_t, quant) -> fake-quantized router weight, given the
+        transformed FP router weight and a sample of transformed router inputs.
+    """
+
+    moe_smoothing: Callable | None = None
+    quantize_router: Callable | None = None
+
+
+@dataclass
+class Report:
+    layers: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def weight_absmax(linears: list[nn.Module]) -> torch.Tensor:
+    """Per input channel max |W| over the rows of every reader (SmoothQuant's rule for shared inputs)."""
+    return torch.stack([m.weight.detach().abs().amax(0).float().cpu() for m in linears]).amax(0)
+
+
+def default_moe_smoothing(view: LayerView, stats: LayerStats, alpha: float) -> torch.Tensor:
+    """DuQuant baseline: one vector from the MoE input's max and ALL readers' weights together."""
+    return fit_smooth(stats[view.router].absmax, weight_absmax(view.moe_in_readers()), alpha).scale
+
+
+def _scaled(w: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """w * factor computed in at least float32, returned in w's dtype."""
+    dtype = torch.promote_types(w.dtype, torch.float32)
+    return (w.to(dtype) * factor.to(w.device, dtype)).to(w.dtype)
+
+
+def fold_into_norm(norm: nn.Module, readers: list[nn.Module], s: torch.Tensor) -> None:
+    """x/s is produced by the norm (gamma/s) and undone in every reader (W diag(s)): exact in FP."""
+    norm.weight.data = _scaled(norm.weight.data, 1.0 / s.double())
+    for r in readers:
+        r.weight.data = _scaled(r.weight.data, s)
+
+
+def fold_into_up(mlp: MLPView, s: torch.Tensor) -> None:
+    """down-in = act(gate x) * (up x) is linear in up's rows, so up/s and down*s is exact."""
+    mlp.up_proj.weight.data = _scaled(mlp.up_proj.weight.data, 1.0 / s.double()[:, None])
+    mlp.down_proj.weight.data = _scaled(mlp.down_proj.weight.data, s)
+
+
+class LayerQuantizer:
+    """Fits and applies DuQuant to one resolved decoder layer."""
+
+    def __init__(self, quant: QuantConfig, cfg: DuQuantConfig, ext: Extensions, seed: int):
+        self.q, self.cfg, self.ext, self.seed = quant, cfg, ext, seed
+        self.w_quant = WeightQuantizer(quant.wbits, quant.w_sym, quant.swc, quant.w_clip)
+        self.notes: list[str] = []
+
+    def act_quant(self, bits: int | None = None) -> ActQuantizer:
+        return ActQuantizer(self.q.abits if bits is None else bits, self.q.a_sym, self.q.lac)
+
+    def rotations(self, x: torch.Tensor | None) -> nn.Module | None:
+        """R1 . P . R2 (repeated `permutation_times`) fit on smoothed calibration rows."""
+        c = self.cfg
+        if x is None or not (c.rotate or c.permute):
+            return None
+        steps = []
+        for _ in range(c.permutation_times):
+            t = fit_duquant(x, None, c.alpha, c.block_size, c.max_rotation_step, permute=c.permute,
+                            rotate=c.rotate, smooth=False, seed=self.seed, shared=c.rotation == "shared")
+            steps.append(t)
+            x = t.act(x)
+        return steps[0] if len(steps) == 1 else Compose(steps)
+
+    def online_site(self, reader: nn.Module, x_stats, extra_readers=()) -> nn.Module | None:
+        """o-in style site: smoothing cannot be folded, so it joins the online transform."""
+        readers = [reader, *extra_readers]
+        parts = []
+        x = x_stats.sample
+        if self.cfg.smooth:
+            sm = fit_smooth(x_stats.absmax, weight_absmax(readers), self.cfg.alpha)
+            parts.append(sm)
+            x = sm.act(x)
+        rot = self.rotations(x)
+        if rot is not None:
+            parts.append(rot)
+        return Compose(parts) if parts else None
+
+    def wrap(self, parent: nn.Module, name: str, transform, bits: int | None = None, w_quant=None, weight=None):
+        inner = getattr(parent, name)
+        setattr(parent, name, QLinear(inner, transform, self.act_quant(bits), w_quant or self.w_quant, weight))
+
+    def norm_site(self, norm: nn.Module, readers: list[nn.Module], x_stats) -> tuple[nn.Module | None, torch.Tensor]:
+        """attn-in / mlp-in: fold smoothing into the norm, fit rotations on the smoothed rows."""
+        x = x_stats.sample
+        if self.cfg.smooth:
+            s = fit_smooth(x_stats.absmax, weight_absmax(readers), self.cfg.alpha).scale
+            fold_into_norm(norm, readers, s)
+            x = x / s
+        return self.rotations(x), x
+
+    def mlp(self, mlp: MLPView, t_in: nn.Module | None, down_stats) -> None:
+        """An expert / shared expert / dense MLP whose input site transform is `t_in`."""
+        x = down_stats.sample
+        if self.cfg.smooth:
+            s = fit_smooth(down_stats.absmax, weight_absmax([mlp.down_proj]), self.cfg.alpha).scale
+            fold_into_up(mlp, s)
+            x = x / s
+        t_down = self.rotations(x)
+        gate, up, down = mlp.names
+        self.wrap(mlp.module, gate, t_in)
+        self.wrap(mlp.module, up, t_in)
+        self.wrap(mlp.module, down, t_down)
+
+
+def expert_down_stats(expert: nn.Module, x: torch.Tensor, down_stats):
+    """down-in rows of an expert that saw too few tokens, recomputed from all MoE-input rows `x`
+    (already smoothed, and the expert's weights already carry the folded scale)."""
+    gate, up = (p.weight.detach().to("cpu", x.dtype) for p in (expert.gate_proj, expert.up_proj))
+    h = expert.act_fn(x @ gate.T) * (x @ up.T)
+    fb = copy.copy(down_stats)
+    fb.sample, fb.absmax, fb.count = h, h.abs().amax(0), h.shape[0]
+    return fb
+
+
+def quantize_layer(view: LayerView, stats: LayerStats, lq: LayerQuantizer) -> dict:
+    q, cfg = lq.q, lq.cfg
+    info: dict = {}
+    attn_in = view.attn_in
+    t_attn, _ = lq.norm_site(view.attn_norm, attn_in, stats[attn_in[0]])
+    for lin in attn_in:
+        parent, name = _parent_of(view.attn, lin)
+        lq.wrap(parent, name, t_attn)
+    parent, name = _parent_of(view.attn, view.attn_out)
+    lq.wrap(parent, name, lq.online_site(view.attn_out, stats[view.attn_out]))
+
+    if not view.is_moe:
+        t_in, _ = lq.norm_site(view.mlp_norm, view.dense.in_projs, stats[view.dense.gate_proj])
+        lq.mlp(view.dense, t_in, stats[view.dense.down_proj])
+        return info
+
+    moe_in = stats[view.router]
+    rule = lq.ext.moe_smoothing or default_moe_smoothing
+    x_all = moe_in.sample
+    if cfg.smooth:
+        s = rule(view, stats, cfg.alpha)
+        fold_into_norm(view.mlp_norm, view.moe_in_readers(), s)
+        x_all = x_all / s
+    else:
+        s = torch.ones_like(moe_in.absmax)
+    t_shared = lq.rotations(x_all)
+
+    router_w = view.router.weight.detach().float()
+    router_w_t = t_shared.weight(router_w) if t_shared is not None else router_w
+    if lq.ext.quantize_router is not None and q.router_wbits < 16:
+        x_t = t_shared.act(x_all) if t_shared is not None else x_all
+        weight = lq.ext.quantize_router(view, router_w_t, x_t, q)
+        lq.wrap(view.mlp, _last(view, view.router), t_shared, bits=q.router_abits, weight=weight)
+    else:
+        router_wq = WeightQuantizer(q.router_wbits, q.w_sym, q.swc, q.w_clip)
+        lq.wrap(view.mlp, _last(view, view.router), t_shared, bits=q.router_abits, w_quant=router_wq)
+    if view.shared_gate is not None:
+        lq.wrap(view.mlp, _last(view, view.shared_gate), t_shared, bits=q.router_abits,
+                w_quant=WeightQuantizer(q.router_wbits, q.w_sym, q.swc, q.w_clip))
+    for sh in view.shared:
+        lq.mlp(sh, t_shared, stats[sh.down_proj])
+
+    fallbacks = []
+    for e, expert in enumerate(view.experts):
+        gate_stats, down_stats = stats[expert.gate_proj], stats[expert.down_proj]
+        if gate_stats.count >= cfg.min_expert_tokens:
+            x_e = gate_stats.sample / s
+        else:
+            fallbacks.append(e)
+            x_e = x_all
+            down_stats = expert_down_stats(expert.module, x_all, down_stats)
+        lq.mlp(expert, lq.rotations(x_e), down_stats)
+    if fallbacks:
+        log.warning("layer %d: experts %s got fewer than %d calibration tokens; fit on all MoE-input tokens",
+                    view.index, fallbacks, cfg.min_expert_tokens)
+    info["fallback_experts"] = fallbacks
+    return info
+
+
+def _parent_of(root: nn.Module, child: nn.Module) -> tuple[nn.Module, str]:
+    for name, m in root.named_modules():
+        if m is child:
+            parent, _, attr = name.rpartition(".")
+            return root.get_submodule(parent) if parent else root, attr
+    raise KeyError("module not found under root")
+
+
+def _last(view: LayerView, module: nn.Module) -> str:
+    return _parent_of(view.mlp, module)[1]
+
+
+def hooked_sites(view: LayerView) -> list[nn.Module]:
+    """One reader per distinct input: the statistics of a site are those of its first reader."""
+    mlps = [view.dense] if view.dense is not None else view.shared + view.experts
+    mods = [view.attn_in[0], view.attn_out] + [m for mlp in mlps for m in (mlp.gate_proj, mlp.down_proj)]
+    return mods + ([view.router] if view.router is not None else [])
+
+
+class RoutingAgreement:
+    """Compares the quantized router with the FP router on the same (quantized-model) inputs."""
+
+    def __init__(self, fp_router: nn.Module, top_k: int):
+        self.fp_router, self.top_k = fp_router, top_k
+        self.same = self.kl = 0.0
+        self.tokens = 0
+
+    def __call__(self, module, args, out) -> None:
+        fp_logits, _, fp_idx = self.fp_router(args[0])
+        q_logits, _, q_idx = out
+        self.same += (fp_idx.sort(-1).values == q_idx.sort(-1).values).all(-1).sum().item()
+        logp, logq = fp_logits.float().log_softmax(-1), q_logits.float().log_softmax(-1)
+        self.kl += (logp.exp() * (logp - logq)).sum(-1).sum().item()
+        self.tokens += fp_logits.shape[0]
+
+    def summary(self) -> dict:
+        n = max(self.tokens, 1)
+        return {"topk_agreement": self.same / n, "router_kl": self.kl / n}
+
+
+@torch.no_grad()
+def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: QuantConfig, cfg: DuQuantConfig,
+                   ext: Extensions | None = None, device="cpu", seed: int = 0, route_all: bool = False) -> Report:
+    """Quantize `model` in place, one decoder layer at a time on `device`."""
+    ext = ext or Extensions()
+    device = torch.device(device)
+    report = Report()
+    t0 = time.time()
+    unfuse_experts(model, spec)
+    if quant.kv_bits < 16:
+        kvquant.enable(model)
+    inps, kwargs = capture_layer_inputs(model, spec, calib_ids, device, batch_size=1)
+    report.timings["capture"] = time.time() - t0
+    fit_time = stats_time = 0.0
+    for i, layer in enumerate(tqdm(decoder_layers(model, spec), desc=f"quantize {quant.tag}")):
+        layer.to(device)
+        view = resolve(spec, layer, model.config, i)
+        t = time.time()
+        with collect(hooked_sites(view), view.router, view.num_experts, cfg.rotation_tokens, seed + i) as stats, \
+                route_all_tokens(model, spec, enabled=route_all and view.is_moe):
+            run_layer(layer, inps, kwargs)
+        stats_time += time.time() - t
+        t = time.time()
+        fp_router = copy.deepcopy(view.router) if view.is_moe else None
+        info = {"layer": i, "moe": view.is_moe}
+        info.update(quantize_layer(view, stats, LayerQuantizer(quant, cfg, ext, seed + i)))
+        if quant.kv_bits < 16:
+            view.attn.kv_quant = kvquant.KVQuant(quant.kv_bits, view.attn.head_dim, quant.a_sym, 1.0).to(device)
+        fit_time += time.time() - t
+        if view.is_moe:
+            info["expert_tokens"] = stats.router.counts.tolist()
+            agreement = RoutingAgreement(fp_router, view.top_k)
+            handle = view.mlp.get_submodule(spec.router).register_forward_hook(agreement)
+        t = time.time()
+        inps = run_layer(layer, inps, kwargs)
+        stats_time += time.time() - t
+        if view.is_moe:
+            handle.remove()
+            info.update(agreement.summary())
+        report.layers.append(info)
+        if device.type != "cpu":
+            layer.to("cpu")
+    report.timings.update(statistics_and_propagation=stats_time, fitting=fit_time, total=time.time() - t0)
+    return report

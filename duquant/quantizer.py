@@ -1,0 +1,158 @@
+"""Uniform fake quantization with one scale and zero point per row of the last dimension.
+
+Reducing over the last dimension gives per-output-channel quantization for a weight
+[out, in] and per-token quantization for an activation [..., C], the two granularities
+DuQuant uses (DUQUANT.md section 4). Quantizers hold no transform state: rotations,
+permutations and smoothing live in `duquant.transforms` and are applied before these.
+
+`fake_quant` is literally `dequantize(quantize(x, *quant_params(x)))`, so simulated
+accuracy and a later packed-integer export agree bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+# Keeps the scale of an all-zero (or constant) row finite, so no row ever divides by zero.
+MIN_SCALE = 1e-8
+
+
+def check_bits(bits: int) -> None:
+    if not (2 <= bits <= 8 or bits >= 16):
+        raise ValueError(f"bits must be in 2..8, or >= 16 for no quantization; got {bits}")
+
+
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    """At least float32: bf16/fp16 cannot represent the scales and codes of a row exactly."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _levels(bits: int, sym: bool) -> tuple[int, int]:
+    if sym:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def quant_params(
+    x: torch.Tensor, bits: int, sym: bool = False, clip: float | torch.Tensor = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of each row, shaped [..., 1].
+
+    `clip` (a float, or a tensor broadcastable to [..., 1] for per-row ratios) shrinks the
+    range before the scale is chosen: DuQuant's swc for weights and lac for activations.
+    The zero point is a float holding an integer (0 in symmetric mode), so `dequantize`
+    is the same formula in both modes.
+    """
+    check_bits(bits)
+    if bits >= 16:
+        raise ValueError("bits >= 16 means no quantization: there are no quantization parameters")
+    x = x.to(_work_dtype(x))
+    if sym:
+        absmax = x.abs().amax(-1, keepdim=True) * clip
+        scale = (absmax / (2 ** (bits - 1) - 1)).clamp(min=MIN_SCALE)
+        return scale, torch.zeros_like(scale)
+    # Including 0 in the range keeps exact zeros (padding, dead channels) exact.
+    xmin = x.amin(-1, keepdim=True).clamp(max=0) * clip
+    xmax = x.amax(-1, keepdim=True).clamp(min=0) * clip
+    scale = ((xmax - xmin) / (2**bits - 1)).clamp(min=MIN_SCALE)
+    zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, sym: bool = False) -> torch.Tensor:
+    """Integer codes: uint8 in 0..2^b-1 (asymmetric) or int8 in -2^(b-1)..2^(b-1)-1 (symmetric)."""
+    check_bits(bits)
+    lo, hi = _levels(bits, sym)
+    q = (torch.round(x.to(scale.dtype) / scale) + zero).clamp(lo, hi)
+    return q.to(torch.int8 if sym else torch.uint8)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (q.to(scale.dtype) - zero) * scale
+
+
+def fake_quant(x: torch.Tensor, bits: int, sym: bool = False, clip: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Quantize-dequantize each row of the last dimension; returns x itself when bits >= 16."""
+    check_bits(bits)
+    if bits >= 16:
+        return x
+    scale, zero = quant_params(x, bits, sym, clip)
+    return dequantize(quantize(x, scale, zero, bits, sym), scale, zero).to(x.dtype)
+
+
+def mse_clip_search(
+    w: torch.Tensor, bits: int, sym: bool = False, grid: int = 20, min_ratio: float = 0.35
+) -> torch.Tensor:
+    """Per-row clip ratio in [min_ratio, 1] with the smallest squared reconstruction error, [..., 1].
+
+    Errors are measured on `fake_quant`'s own output (in w's dtype), so the chosen ratio is
+    optimal for the arithmetic that is actually applied. The grid starts at 1.0 and only a
+    strict improvement replaces the incumbent, so no row ends up worse than plain min/max.
+    """
+    work = _work_dtype(w)
+    w_ref = w.to(work)
+    best_err = torch.full((*w.shape[:-1], 1), float("inf"), dtype=work, device=w.device)
+    best_ratio = torch.ones_like(best_err)
+    for ratio in torch.linspace(1.0, min_ratio, grid).tolist():
+        err = (fake_quant(w, bits, sym, ratio).to(work) - w_ref).pow(2).sum(-1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+    return best_ratio
+
+
+@dataclass
+class WeightQuantizer:
+    """Static per-output-channel quantizer for a weight [out, in] (after its transform).
+
+    clip="minmax" scales each row's range by `clip_ratio` (DuQuant's swc); clip="mse"
+    ignores `clip_ratio` and uses the per-row ratio from `mse_clip_search`.
+    """
+
+    bits: int = 4
+    sym: bool = False
+    clip_ratio: float = 1.0
+    clip: str = "minmax"
+
+    def __post_init__(self):
+        check_bits(self.bits)
+        if self.clip not in ("minmax", "mse"):
+            raise ValueError(f"clip must be 'minmax' or 'mse', got {self.clip!r}")
+
+    def _ratio(self, w: torch.Tensor) -> float | torch.Tensor:
+        if self.clip == "mse":
+            return mse_clip_search(w, self.bits, self.sym)
+        return self.clip_ratio
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        if self.bits >= 16:
+            return w
+        return fake_quant(w, self.bits, self.sym, self._ratio(w))
+
+    def params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quant_params(w, self.bits, self.sym, self._ratio(w))
+
+
+class ActQuantizer(nn.Module):
+    """Dynamic per-token quantizer: the range of every token is measured at run time.
+
+    `clip_ratio` is DuQuant's lac. An nn.Module so it sits in the model tree next to the
+    linear it feeds and shows up in print(model).
+    """
+
+    def __init__(self, bits: int = 4, sym: bool = False, clip_ratio: float = 1.0):
+        super().__init__()
+        check_bits(bits)
+        self.bits, self.sym, self.clip_ratio = bits, sym, clip_ratio
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant(x, self.bits, self.sym, self.clip_ratio)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, sym={self.sym}, clip_ratio={self.clip_ratio}"

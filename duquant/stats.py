@@ -1,0 +1,84 @@
+"""Calibration statistics gathered with forward hooks: what every fitting step reads.
+
+Per hooked module: per-channel max |x| over all tokens, the token count, and a uniform random
+sample of at most `cap` input rows (priority sampling, so the sample does not depend on batch
+order and memory stays bounded). Routers also record how many tokens each expert received.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class InputStats:
+    cap: int
+    generator: torch.Generator
+    absmax: torch.Tensor | None = None
+    count: int = 0
+    sample: torch.Tensor | None = None
+    _keys: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        if x.shape[0] == 0:
+            return
+        amax = x.abs().amax(0).float().cpu()
+        self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
+        self.count += x.shape[0]
+        keys = torch.rand(x.shape[0], generator=self.generator)
+        rows = x.to(torch.promote_types(x.dtype, torch.float32)).cpu()
+        if self.sample is not None:
+            keys, rows = torch.cat([self._keys, keys]), torch.cat([self.sample, rows])
+        if keys.numel() > self.cap:
+            keep = keys.topk(self.cap, largest=False).indices
+            keys, rows = keys[keep], rows[keep]
+        self._keys, self.sample = keys, rows
+
+
+@dataclass
+class RouterStats:
+    """Tokens per expert and the router's FP routing probabilities' running sum."""
+
+    num_experts: int
+    counts: torch.Tensor = None
+    prob_sum: torch.Tensor = None
+    tokens: int = 0
+
+    def __post_init__(self):
+        self.counts = torch.zeros(self.num_experts, dtype=torch.long)
+        self.prob_sum = torch.zeros(self.num_experts, dtype=torch.float64)
+
+    def update(self, output) -> None:
+        logits, _, index = output
+        self.counts += torch.bincount(index.reshape(-1).cpu(), minlength=self.num_experts)
+        self.prob_sum += logits.float().softmax(-1).sum(0).double().cpu()
+        self.tokens += logits.shape[0]
+
+
+@dataclass
+class LayerStats:
+    inputs: dict[nn.Module, InputStats] = field(default_factory=dict)
+    router: RouterStats | None = None
+
+    def __getitem__(self, module: nn.Module) -> InputStats:
+        return self.inputs[module]
+
+
+@contextmanager
+def collect(modules: list[nn.Module], router: nn.Module | None, num_experts: int, cap: int, seed: int):
+    """Hooks on `modules` (inputs) and `router` (routing), always removed on exit."""
+    gen = torch.Generator().manual_seed(seed)
+    stats = LayerStats({m: InputStats(cap, gen) for m in modules})
+    handles = [m.register_forward_pre_hook(lambda mod, args: stats.inputs[mod].update(args[0])) for m in modules]
+    if router is not None:
+        stats.router = RouterStats(num_experts)
+        handles.append(router.register_forward_hook(lambda mod, args, out: stats.router.update(out)))
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,292 @@
+"""DuQuant's exactly invertible activation transforms (DUQUANT.md sections 2 and 3).
+
+Every transform has an activation side and a weight side with
+
+    act(x) @ weight(W).T == x @ W.T        (W is [out, in], x is [..., in])
+
+so a linear computes the same function in full precision while its quantizers see
+activations and weights whose outliers have been flattened. `inverse_act` undoes `act`
+(for tests and diagnostics). Parameters are buffers, so they travel with state_dict, and
+they are stored compactly: a vector of scales, an index vector, b x b blocks. Each
+method computes in the wider of the input's and the buffer's dtype and returns the
+input's dtype. The fitting functions work in float64 and return buffers in the dtype of
+their input statistics (the model dtype), as QuaRot does.
+
+DuQuant is Compose([Smooth, BlockRotation R1, Permutation (zigzag), BlockRotation R2]),
+built by `fit_duquant`.
+"""
+from __future__ import annotations
+
+import einops
+import torch
+import torch.nn as nn
+
+
+def _promote(x: torch.Tensor, buf: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, buf.dtype)
+
+
+class Smooth(nn.Module):
+    """SmoothQuant-style per-channel scale: activation columns / s, weight columns * s."""
+
+    def __init__(self, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("scale", scale)
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _promote(x, self.scale)
+        return (x.to(dtype) / self.scale.to(dtype)).to(x.dtype)
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        dtype = _promote(w, self.scale)
+        return (w.to(dtype) * self.scale.to(dtype)).to(w.dtype)
+
+    def inverse_act(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight(x)
+
+
+class Permutation(nn.Module):
+    """Channel reordering: output channel j is input channel perm[j] (on both sides)."""
+
+    def __init__(self, perm: torch.Tensor):
+        super().__init__()
+        self.register_buffer("perm", perm.long())
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., self.perm]
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        return w[..., self.perm]
+
+    def inverse_act(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., torch.argsort(self.perm)]
+
+
+class BlockRotation(nn.Module):
+    """Block-diagonal orthogonal matrix, applied as x_block @ R_block (rows of W likewise).
+
+    `blocks` is [n_blocks, b, b], or [1, b, b] when one matrix is shared by every block
+    (the published code's variant); it then broadcasts over however many blocks the input
+    has. When the channel count is not a multiple of b, the last C mod b channels form a
+    smaller block with its own matrix `tail` [r, r]; without a tail it is empty, [0, 0].
+    Keeping the tail separate, rather than padding it into a b x b identity-bordered block,
+    means every stored matrix is a genuine rotation and nothing depends on padding.
+    """
+
+    def __init__(self, blocks: torch.Tensor, tail: torch.Tensor | None = None):
+        super().__init__()
+        if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
+            raise ValueError(f"blocks must be [n_blocks, b, b], got {tuple(blocks.shape)}")
+        if tail is None:
+            tail = blocks.new_zeros(0, 0)
+        if tail.dim() != 2 or tail.shape[0] != tail.shape[1]:
+            raise ValueError(f"tail must be [r, r], got {tuple(tail.shape)}")
+        self.register_buffer("blocks", blocks)
+        self.register_buffer("tail", tail)
+
+    def _rotate(self, x: torch.Tensor, blocks: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+        dtype = _promote(x, blocks)
+        b, r = blocks.shape[-1], tail.shape[-1]
+        flat = x.reshape(-1, x.shape[-1]).to(dtype)
+        head = einops.rearrange(flat[:, : flat.shape[1] - r], "t (n b) -> n t b", b=b)
+        if blocks.shape[0] not in (1, head.shape[0]):
+            raise ValueError(f"{blocks.shape[0]} stored blocks cannot rotate {head.shape[0]} blocks of {b}")
+        out = einops.rearrange(head @ blocks.to(dtype), "n t b -> t (n b)")
+        if r:
+            out = torch.cat([out, flat[:, -r:] @ tail.to(dtype)], dim=1)
+        return out.reshape(x.shape).to(x.dtype)
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        return self._rotate(x, self.blocks, self.tail)
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        # x R (W R)^T = x R R^T W^T = x W^T because R is orthogonal.
+        return self._rotate(w, self.blocks, self.tail)
+
+    def inverse_act(self, x: torch.Tensor) -> torch.Tensor:
+        return self._rotate(x, self.blocks.transpose(1, 2), self.tail.T)
+
+
+class Compose(nn.Module):
+    """Applies transforms in order; the weight side in the same order telescopes to identity."""
+
+    def __init__(self, transforms: list[nn.Module]):
+        super().__init__()
+        self.transforms = nn.ModuleList(transforms)
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        for t in self.transforms:
+            x = t.act(x)
+        return x
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        for t in self.transforms:
+            w = t.weight(w)
+        return w
+
+    def inverse_act(self, x: torch.Tensor) -> torch.Tensor:
+        for t in reversed(self.transforms):
+            x = t.inverse_act(x)
+        return x
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def fit_smooth(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float = 0.6) -> Smooth:
+    """s = act^alpha / w^(1-alpha): moves part of the activation range into the weights.
+
+    Weight maxima are clamped to >= 1e-5 so a dead weight column cannot divide by zero, and
+    scales below 1e-2 are raised to 1e-2 (DuQuant's rule) so a dead activation channel
+    (max 0) does not become an enormous weight column.
+    """
+    a = act_absmax.double().clamp(min=0)
+    w = w_absmax.double().clamp(min=1e-5)
+    s = (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-2)
+    return Smooth(s.to(act_absmax.dtype))
+
+
+def _spreading_matrix(b: int, seed: int) -> torch.Tensor:
+    """Orthogonal b x b matrix with first row 1/sqrt(b): x @ G spreads coordinate 0 evenly.
+
+    The other rows are a seeded random orthogonal completion: QR of a random matrix whose
+    first column is all ones makes Q's first column ones/sqrt(b) (up to sign, fixed here).
+    Built on the CPU so the same seed gives the same matrix on every device.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.randn(b, b, generator=gen, dtype=torch.float64)
+    m[:, 0] = 1.0
+    q, r = torch.linalg.qr(m)
+    q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
+    return q.T
+
+
+def _spread_at(g: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+    """P_k G P_k for each k in `channel`: swap k to position 0, spread it, swap back. [m, b, b]."""
+    m, b = channel.shape[0], g.shape[0]
+    idx = torch.arange(b, device=g.device).repeat(m, 1)
+    rows = torch.arange(m, device=g.device)
+    idx[rows, channel] = 0
+    idx[rows, 0] = channel
+    return g[idx[:, :, None], idx[:, None, :]]
+
+
+def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: bool) -> torch.Tensor:
+    """Greedy outlier-spreading search on xb [n, T, b]; returns [n, b, b], or [1, b, b] if shared.
+
+    All blocks step together. Per block (paper's rule) each step spreads the channel holding
+    that block's largest |x|. Shared (published code) one matrix serves every block: the
+    global max over the activation viewed as rows of b, i.e. [(T n), b], picks the row
+    holding it and the step spreads channel `row mod b`. Either way the kept rotation is the
+    prefix of steps with the smallest max |x| (per block, or global), the identity included,
+    so the result is never worse than no rotation.
+    """
+    n, _, b = xb.shape
+    rot = torch.eye(b, dtype=xb.dtype, device=xb.device).repeat(1 if shared else n, 1, 1)
+
+    def peak(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Max |y| per block (or global) and the channel the next step should spread."""
+        a = y.abs()
+        if shared:
+            block, token, col = torch.unravel_index(a.argmax(), a.shape)
+            return a[block, token, col].reshape(1), ((token * n + block) % b).reshape(1)
+        return a.amax(1).max(-1)
+
+    best, channel = peak(xb)
+    best_rot, cur = rot, xb
+    for _ in range(max_steps):
+        step = _spread_at(g, channel)
+        cur, rot = cur @ step, rot @ step
+        score, channel = peak(cur)
+        better = score < best
+        best = torch.where(better, score, best)
+        best_rot = torch.where(better[:, None, None], rot, best_rot)
+    return best_rot
+
+
+def fit_block_rotation(
+    x: torch.Tensor, block_size: int = 128, max_steps: int = 256, seed: int = 0, shared: bool = False
+) -> BlockRotation:
+    """Fit R1/R2 of DuQuant on calibration activations x [..., C] (DUQUANT.md section 3, step 1).
+
+    The block size is capped at C. A tail block (C mod b channels) gets its own greedy search;
+    the shared variant has nothing to share with it, so it uses the per-block rule there.
+    """
+    c = x.shape[-1]
+    b = min(block_size, c)
+    n, r = divmod(c, b)
+    xd = x.reshape(-1, c).double()
+    g = _spreading_matrix(b, seed).to(x.device)
+    head = einops.rearrange(xd[:, : n * b], "t (n b) -> n t b", b=b).contiguous()
+    blocks = _greedy_rotation(head, max_steps, g, shared)
+    tail = None
+    if r:
+        g_tail = _spreading_matrix(r, seed).to(x.device)
+        tail = _greedy_rotation(xd[None, :, n * b :], max_steps, g_tail, shared=False)[0]
+        tail = tail.to(x.dtype)
+    return BlockRotation(blocks.to(x.dtype), tail)
+
+
+def _snake(count: int, n_blocks: int, first_round: int = 0) -> torch.Tensor:
+    """Block index for each of `count` ranks dealt 0,1,..,n-1,n-1,..,0,0,1,.. ."""
+    i = torch.arange(count)
+    rnd, pos = i // n_blocks + first_round, i % n_blocks
+    return torch.where(rnd % 2 == 0, pos, n_blocks - 1 - pos)
+
+
+def zigzag_permutation(channel_absmax: torch.Tensor, block_size: int) -> Permutation:
+    """Deal channels, largest max |x| first, to the blocks in snake order.
+
+    Each block then holds a similar share of the large channels, so the next block rotation
+    has something small to spread every outlier over. With a tail block of r < b channels,
+    the first r rounds deal over all blocks including the tail, the rest over the full ones.
+    Within a block channels keep descending order.
+    """
+    c = channel_absmax.shape[0]
+    b = min(block_size, c)
+    n, r = divmod(c, b)
+    order = torch.sort(channel_absmax.detach().cpu(), descending=True, stable=True).indices
+    n_all = n + (r > 0)
+    block = torch.cat([_snake(r * n_all, n_all), _snake(c - r * n_all, n, first_round=r)])
+    rank = torch.arange(c)
+    perm = order[torch.argsort(block * c + rank)]
+    return Permutation(perm.to(channel_absmax.device))
+
+
+def fit_duquant(
+    x: torch.Tensor,
+    w_absmax: torch.Tensor | None,
+    alpha: float = 0.6,
+    block_size: int = 128,
+    max_steps: int = 256,
+    permute: bool = True,
+    rotate: bool = True,
+    smooth: bool = True,
+    seed: int = 0,
+    shared: bool = False,
+) -> Compose:
+    """DuQuant's T = Smooth . R1 . P . R2 for one site, fit on its calibration activations x [..., C].
+
+    w_absmax [C] is the per-input-channel max |W| over all linears reading this site; it is
+    only needed for smoothing. Each step is fit on the activation as the previous steps left
+    it, all in float64; the result is cast to x's dtype. Disabled steps are left out.
+    """
+    if smooth and w_absmax is None:
+        raise ValueError("smoothing needs w_absmax (max |W| per input channel over the readers)")
+    cur = x.reshape(-1, x.shape[-1]).double()
+    steps: list[nn.Module] = []
+
+    def add(t: nn.Module) -> None:
+        nonlocal cur
+        steps.append(t)
+        cur = t.act(cur)
+
+    if smooth:
+        add(fit_smooth(cur.abs().amax(0), w_absmax.double(), alpha))
+    if rotate:
+        add(fit_block_rotation(cur, block_size, max_steps, seed, shared))
+    if permute:
+        add(zigzag_permutation(cur.abs().amax(0), block_size))
+    if rotate:
+        add(fit_block_rotation(cur, block_size, max_steps, seed, shared))
+    return Compose(steps).to(x.dtype)

@@ -1,0 +1,212 @@
+"""Quantize an MoE (or dense Llama-family) model and evaluate it; one run, one results.json.
+
+    python main.py                                   # the demo: bundled Mixtral-style model, W4A4
+    python main.py --model demo-mixtral --method duquant --wbits 3 --abits 4
+    python main.py --model mistralai/Mixtral-8x7B-v0.1 --device cuda --eval_ppl wikitext2,c4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import random
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from duquant.config import ConfigError, DuQuantConfig, QuantConfig
+from duquant.data import CALIB_DATASETS, PPL_DATASETS, DataError, calibration_segments, ppl_segments
+from duquant.evaluate import perplexity
+from duquant.pipeline import quantize_model
+from models import DEFAULT_MODEL, ModelLoadError, get_spec, load_model
+
+METHODS = ("fp", "rtn", "duquant")
+# `python main.py` with no arguments: sizes chosen to finish in minutes on 2 CPU cores.
+DEMO_ARGS = ["--model", DEFAULT_MODEL, "--method", "duquant", "--wbits", "4", "--abits", "4",
+             "--nsamples", "32", "--seqlen", "512", "--eval_ppl", "wikitext2", "--ppl_samples", "80"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+log = logging.getLogger("main")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="local path, hub id, or alias (demo-mixtral, demo-olmoe, demo-deepseek, mixtral, olmoe, deepseek-moe, qwen-moe, tiny-<arch>)")
+    g.add_argument("--method", choices=METHODS, default="duquant")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (one decoder layer at a time lives there)")
+    g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: float32 on CPU, bfloat16 on GPU")
+    g.add_argument("--seed", type=int, default=2, help="calibration sampling and transform fitting (DuQuant's default 2)")
+    g.add_argument("--output_dir", type=Path, default=None, help="default results/<model>-<method>-w<W>a<A>")
+    g = p.add_argument_group("data")
+    g.add_argument("--calib_dataset", choices=CALIB_DATASETS, default="c4", help="c4 train (WikiText-2 train is not bundled)")
+    g.add_argument("--nsamples", type=int, default=128)
+    g.add_argument("--seqlen", type=int, default=2048, help="calibration and evaluation window (capped at the model's max positions)")
+    g.add_argument("--eval_ppl", default="wikitext2,c4", help="comma list of " + ",".join(PPL_DATASETS) + "; empty to skip")
+    g.add_argument("--ppl_samples", type=int, default=None, help="at most this many windows per perplexity set")
+    g.add_argument("--eval_batch_size", type=int, default=4)
+    g.add_argument("--compare_fp", action=argparse.BooleanOptionalAction, default=True, help="also evaluate the FP model")
+    g = p.add_argument_group("quantization")
+    g.add_argument("--wbits", type=int, default=4)
+    g.add_argument("--abits", type=int, default=4)
+    g.add_argument("--kv_bits", type=int, default=None, help="Q/K/V of the attention matmuls (default: abits)")
+    g.add_argument("--router_wbits", type=int, default=8)
+    g.add_argument("--router_abits", type=int, default=8)
+    g.add_argument("--swc", type=float, default=0.8, help="weight clip ratio")
+    g.add_argument("--lac", type=float, default=0.9, help="activation clip ratio")
+    g.add_argument("--w_clip", choices=["minmax", "mse"], default="minmax")
+    g.add_argument("--w_sym", action="store_true")
+    g.add_argument("--a_sym", action="store_true")
+    g = p.add_argument_group("duquant")
+    g.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--permute", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--alpha", type=float, default=0.6)
+    g.add_argument("--block_size", type=int, default=128)
+    g.add_argument("--max_rotation_step", type=int, default=256)
+    g.add_argument("--permutation_times", type=int, default=1)
+    g.add_argument("--rotation", choices=["paper", "shared"], default="paper", help="paper: per-block greedy rotation on the outlier channel; shared: the published code's one matrix")
+    g.add_argument("--rotation_tokens", type=int, default=2048)
+    g.add_argument("--route_all_tokens", action="store_true", help="calibration: every expert sees every token")
+    return p.parse_args(argv)
+
+
+def build_configs(args) -> tuple[QuantConfig, DuQuantConfig]:
+    if args.seqlen < 16:
+        raise ConfigError(f"--seqlen {args.seqlen} is too short; use at least 16")
+    if args.nsamples < 1:
+        raise ConfigError(f"--nsamples {args.nsamples} must be >= 1")
+    for name in args.eval_ppl_list:
+        if name not in PPL_DATASETS:
+            raise ConfigError(f"--eval_ppl {name!r} is unknown; choose from {', '.join(PPL_DATASETS)}")
+    quant = QuantConfig(args.wbits, args.abits, args.kv_bits, args.router_wbits, args.router_abits,
+                        args.w_sym, args.a_sym, args.swc, args.lac, args.w_clip)
+    duq = DuQuantConfig(args.smooth, args.rotate, args.permute, args.alpha, args.block_size,
+                        args.max_rotation_step, args.permutation_times, args.rotation, args.rotation_tokens)
+    if args.method == "rtn":
+        duq = DuQuantConfig.rtn()
+    return quant, duq
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def versions() -> dict:
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb(device: torch.device) -> dict:
+    out = {"host_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["device"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def run(args) -> dict:
+    args.eval_ppl_list = [s for s in args.eval_ppl.split(",") if s]
+    quant, duq = build_configs(args)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    dtype = DTYPES.get(args.dtype) or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    seed_everything(args.seed)
+    timings: dict[str, float] = {}
+    t = time.time()
+    model, tokenizer = load_model(args.model, dtype)
+    spec = get_spec(model)
+    timings["load"] = time.time() - t
+    max_pos = getattr(model.config, "max_position_embeddings", args.seqlen)
+    if args.seqlen > max_pos:
+        print(f"notice: --seqlen {args.seqlen} exceeds the model's {max_pos} positions; using {max_pos}")
+        args.seqlen = max_pos
+    if args.route_all_tokens and spec.router is None:
+        raise ConfigError(f"--route_all_tokens needs an MoE model, but {args.model} ({type(model).__name__}) has no MoE layers")
+    out_dir = args.output_dir or Path("results") / f"{Path(args.model.rstrip('/')).name}-{args.method}-{quant.tag}"
+    print(f"model {args.model} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
+          f"method {args.method} {quant.tag} (kv {quant.kv_bits}, router w{quant.router_wbits}a{quant.router_abits}), "
+          f"calibration {args.nsamples} x {args.seqlen} from {args.calib_dataset}, "
+          f"eval {args.eval_ppl or 'none'} (windows {args.ppl_samples or 'all'}), device {device}")
+
+    segments = {name: ppl_segments(name, tokenizer, args.seqlen, args.ppl_samples) for name in args.eval_ppl_list}
+    result = {"model": args.model, "method": args.method, "seed": args.seed,
+              "config": {"run": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                         "quant": asdict(quant), "duquant": asdict(duq)},
+              "ppl": {}, "ppl_fp": {}, "tasks": {}, "timings": timings}
+    if args.compare_fp and args.method != "fp":
+        t = time.time()
+        for name, seg in segments.items():
+            result["ppl_fp"][name] = perplexity(model, spec, seg, device, args.eval_batch_size, desc=f"FP {name}")
+        timings["eval_fp"] = time.time() - t
+    if args.method != "fp":
+        t = time.time()
+        calib = calibration_segments(args.calib_dataset, tokenizer, args.nsamples, args.seqlen, args.seed)
+        timings["calibration_data"] = time.time() - t
+        report = quantize_model(model, spec, calib, quant, duq, device=device, seed=args.seed,
+                                route_all=args.route_all_tokens)
+        timings["quantize"] = report.timings.pop("total")
+        timings.update({f"quantize_{k}": v for k, v in report.timings.items()})
+        result["layers"] = report.layers
+        result["expert_tokens"] = {str(r["layer"]): r["expert_tokens"] for r in report.layers if "expert_tokens" in r}
+    t = time.time()
+    for name, seg in segments.items():
+        result["ppl"][name] = perplexity(model, spec, seg, device, args.eval_batch_size, desc=f"{args.method} {name}")
+    timings["eval"] = time.time() - t
+    result["peak_memory_mb"] = peak_memory_mb(device)
+    result["versions"] = versions()
+    write_json_atomic(out_dir / "results.json", result)
+    print_summary(result, out_dir)
+    return result
+
+
+def print_summary(result: dict, out_dir: Path) -> None:
+    names = list(result["ppl"])
+    if names:
+        print("\n| perplexity | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+        if result["ppl_fp"]:
+            print("| FP | " + " | ".join(f"{result['ppl_fp'][n]:.2f}" for n in names) + " |")
+        print(f"| {result['method']} {result['config']['quant']['wbits']}/{result['config']['quant']['abits']} | "
+              + " | ".join(f"{result['ppl'][n]:.2f}" for n in names) + " |")
+    quant_time = result["timings"].get("quantize")
+    if quant_time is not None:
+        print(f"quantization took {quant_time:.1f} s")
+    print(f"results: {out_dir / 'results.json'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not argv:
+        print("no arguments: running the demo, i.e. python main.py " + " ".join(DEMO_ARGS))
+        argv = DEMO_ARGS
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ConfigError, ModelLoadError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

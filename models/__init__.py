@@ -1,0 +1,77 @@
+"""Model descriptions (one declarative adapter per architecture) and the one loading path.
+
+Real checkpoints, the bundled zoo and the tiny random test models all go through `load_model`,
+so what is tested here is what runs on Mixtral-8x7B.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from . import deepseek_moe  # noqa: F401  (registers DeepSeek-MoE v1 with the Auto classes)
+from .registry import SPECS, get_spec
+from .spec import LayerView, MLPView, ModelSpec, decoder_layers, resolve
+
+ZOO_DIR = Path(__file__).resolve().parent / "zoo"
+ZOO = {"demo-mixtral": "demo-mixtral", "demo-olmoe": "demo-olmoe", "demo-deepseek": "demo-deepseek"}
+PAPER_CHECKPOINTS = {
+    "mixtral": "mistralai/Mixtral-8x7B-v0.1",
+    "olmoe": "allenai/OLMoE-1B-7B-0924",
+    "deepseek-moe": "deepseek-ai/deepseek-moe-16b-base",
+    "qwen-moe": "Qwen/Qwen1.5-MoE-A2.7B",
+}
+DEFAULT_MODEL = "demo-mixtral"
+
+__all__ = [
+    "SPECS", "ZOO", "PAPER_CHECKPOINTS", "DEFAULT_MODEL", "LayerView", "MLPView", "ModelSpec",
+    "ModelLoadError", "decoder_layers", "get_spec", "load_model", "resolve", "resolve_model_name",
+]
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be found or loaded; the message is one line that names the fix."""
+
+
+def _demo_list() -> str:
+    return ", ".join(sorted(ZOO)) + ", tiny-<arch> (random, for smoke tests)"
+
+
+def resolve_model_name(name: str) -> str:
+    """Map an alias to a local path or hub id; local paths and hub ids pass through."""
+    if name in ZOO:
+        path = ZOO_DIR / ZOO[name]
+        if not (path / "config.json").exists():
+            raise ModelLoadError(
+                f"bundled model {name} is not in this checkout ({path}); train it with "
+                f"`python -m models.zoo.train --arch {name.removeprefix('demo-')}` or use another model"
+            )
+        return str(path)
+    return PAPER_CHECKPOINTS.get(name, name)
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer) on the CPU; the pipeline moves one decoder layer at a time to the device."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name.startswith("tiny-"):
+        from .tiny import tiny_model
+
+        return tiny_model(name.removeprefix("tiny-"), dtype=dtype)
+    target = resolve_model_name(name)
+    looks_local = os.path.isabs(target) or target.startswith(".") or os.path.exists(target)
+    if looks_local and not os.path.isdir(target):
+        raise ModelLoadError(f"model path {target} does not exist; give a checkpoint directory, a hub id, or one of: {_demo_list()}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, device_map="cpu")
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(
+            f"cannot load {name!r} ({first[:160]}); without network access use a local checkpoint or a bundled model: {_demo_list()}"
+        ) from None
+    if type(model).__name__ not in SPECS:
+        raise ModelLoadError(f"unsupported model class {type(model).__name__}; supported: {', '.join(sorted(SPECS))}")
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,159 @@
+"""Declarative descriptions of decoder layers, and their resolution into module handles.
+
+An adapter says *where* things are (attribute paths relative to a decoder layer); it never says
+what to do with them. Algorithms consume the resolved `LayerView` and never look at names, so a
+new architecture is one `ModelSpec(...)` literal.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+
+
+def always_moe(config, layer_idx: int) -> bool:
+    return True
+
+
+def never_moe(config, layer_idx: int) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where the parts of one decoder layer live. Paths are dotted, relative to the layer
+    (`mlp`-relative for router, experts and shared experts)."""
+
+    name: str
+    layers: str = "model.layers"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    attn_norm: str = "input_layernorm"
+    attn_in: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    attn_out: str = "self_attn.o_proj"
+    attn: str = "self_attn"
+    mlp_norm: str = "post_attention_layernorm"
+    mlp: str = "mlp"
+    router: str | None = "gate"
+    experts: str | None = "experts"
+    # Names inside one expert / dense MLP / shared expert (all SwiGLU).
+    mlp_in: tuple[str, ...] = ("gate_proj", "up_proj")
+    mlp_out: str = "down_proj"
+    shared_experts: str | None = None
+    shared_expert_gate: str | None = None
+    is_moe_layer: Callable = always_moe
+    # Config attribute names for the expert count and top-k, which differ between families.
+    num_experts_attr: str = "num_local_experts"
+    top_k_attr: str = "num_experts_per_tok"
+
+
+@dataclass
+class MLPView:
+    """One SwiGLU MLP (an expert, a shared expert, or a dense MLP): the module and the names of
+    its gate, up and down projections. Properties read the module, so they follow replacements."""
+
+    module: nn.Module
+    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+    @property
+    def gate_proj(self) -> nn.Module:
+        return getattr(self.module, self.names[0])
+
+    @property
+    def up_proj(self) -> nn.Module:
+        return getattr(self.module, self.names[1])
+
+    @property
+    def down_proj(self) -> nn.Module:
+        return getattr(self.module, self.names[2])
+
+    @property
+    def in_projs(self) -> list[nn.Module]:
+        return [self.gate_proj, self.up_proj]
+
+
+@dataclass
+class LayerView:
+    """Typed handles to one decoder layer's parts; what every algorithm works on."""
+
+    index: int
+    layer: nn.Module
+    attn: nn.Module
+    attn_norm: nn.Module
+    attn_in: list[nn.Linear]
+    attn_out: nn.Linear
+    mlp_norm: nn.Module
+    mlp: nn.Module
+    is_moe: bool
+    router: nn.Module | None = None
+    experts_module: nn.Module | None = None
+    experts: list[MLPView] = field(default_factory=list)
+    shared: list[MLPView] = field(default_factory=list)
+    shared_gate: nn.Linear | None = None
+    dense: MLPView | None = None
+    top_k: int = 0
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def moe_in_readers(self) -> list[nn.Module]:
+        """Every module that reads the MLP-norm output (the moe-in transform site)."""
+        mlps = self.experts + self.shared + ([self.dense] if self.dense else [])
+        readers = [p for m in mlps for p in m.in_projs]
+        if self.router is not None:
+            readers.append(self.router)
+        if self.shared_gate is not None:
+            readers.append(self.shared_gate)
+        return readers
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
+
+
+def _mlp_view(spec: ModelSpec, mlp: nn.Module) -> MLPView:
+    return MLPView(mlp, (*spec.mlp_in, spec.mlp_out))
+
+
+def decoder_layers(model: nn.Module, spec: ModelSpec) -> nn.ModuleList:
+    return get_module(model, spec.layers)
+
+
+def resolve(spec: ModelSpec, layer: nn.Module, config, index: int) -> LayerView:
+    """Resolve one decoder layer. Fused 3-D experts must be unfused first (`models.moe`)."""
+    mlp = get_module(layer, spec.mlp)
+    view = LayerView(
+        index=index,
+        layer=layer,
+        attn=get_module(layer, spec.attn),
+        attn_norm=get_module(layer, spec.attn_norm),
+        attn_in=[get_module(layer, p) for p in spec.attn_in],
+        attn_out=get_module(layer, spec.attn_out),
+        mlp_norm=get_module(layer, spec.mlp_norm),
+        mlp=mlp,
+        is_moe=spec.is_moe_layer(config, index),
+    )
+    if not view.is_moe:
+        view.dense = _mlp_view(spec, mlp)
+        return view
+    view.router = get_module(mlp, spec.router)
+    view.top_k = getattr(config, spec.top_k_attr)
+    view.experts_module = get_module(mlp, spec.experts)
+    if not isinstance(view.experts_module, nn.ModuleList):
+        raise TypeError(
+            f"layer {index}: experts are still fused ({type(view.experts_module).__name__}); "
+            "call models.moe.unfuse_experts(model, spec) before resolving"
+        )
+    view.experts = [MLPView(e) for e in view.experts_module]
+    if spec.shared_experts is not None:
+        view.shared = [_mlp_view(spec, get_module(mlp, spec.shared_experts))]
+    if spec.shared_expert_gate is not None:
+        view.shared_gate = get_module(mlp, spec.shared_expert_gate)
+    return view

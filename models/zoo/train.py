@@ -1,0 +1,260 @@
+"""Train the zoo: small MoE language models on the bundled Gutenberg corpus.
+
+No pretrained MoE checkpoint can be downloaded here, so the project trains its own and ships them
+as ordinary Hugging Face checkpoints. Run in the background; it resumes from its last checkpoint:
+
+    nohup python -m models.zoo.train --arch mixtral > zoo-mixtral.log 2>&1 &
+    python -m models.zoo.train --arch mixtral --export models/zoo/demo-mixtral
+
+Choices real LLMs share and that let outliers and attention sinks form: a BOS token at the start
+of every training sequence, no weight decay on norm gains, a per-layer balancing loss (the pooled
+Mixtral loss was seen to leave nearly dead experts in some layers).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.registry import get_spec
+from models.spec import decoder_layers, get_module
+
+REPO = Path(__file__).resolve().parents[2]
+CORPUS = REPO / "data" / "train_corpus" / "gutenberg_en.jsonl.gz"
+RUNS = Path(os.environ.get("ZOO_RUNS", Path.home() / ".cache" / "moe-ptq-zoo"))
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+
+_COMMON = dict(
+    vocab_size=8192, hidden_size=256, num_hidden_layers=6, num_attention_heads=8,
+    max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    bos_token_id=0, eos_token_id=1, pad_token_id=2,
+)
+ARCHS = {
+    "mixtral": dict(
+        model_type="mixtral", num_key_value_heads=4, intermediate_size=384,
+        num_local_experts=8, num_experts_per_tok=2, **_COMMON,
+    ),
+    "olmoe": dict(
+        model_type="olmoe", num_key_value_heads=8, intermediate_size=96,
+        num_experts=32, num_experts_per_tok=4, norm_topk_prob=False, **_COMMON,
+    ),
+    "deepseek": dict(
+        model_type="deepseek", num_key_value_heads=8, intermediate_size=768, moe_intermediate_size=96,
+        n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=2, first_k_dense_replace=1,
+        norm_topk_prob=False, **_COMMON,
+    ),
+}
+
+
+def read_books(split: str) -> list[str]:
+    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
+        return [r["text"] for r in map(json.loads, f) if r["split"] == split]
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 8192):
+    """Byte-level BPE trained on the training books; every encoding starts with BOS, as Llama's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if (out_dir / "tokenizer.json").exists():
+        return PreTrainedTokenizerFast.from_pretrained(out_dir)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(read_books("train"), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=2048
+    )
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    fast.save_pretrained(tmp)
+    os.replace(tmp, out_dir)
+    return fast
+
+
+def token_stream(tokenizer, split: str, cache: Path) -> np.ndarray:
+    """All books of a split as one uint16 stream, books separated by EOS (BOS is added per window)."""
+    if cache.exists():
+        return np.load(cache)
+    ids = tokenizer(read_books(split), add_special_tokens=False)["input_ids"]
+    stream = np.concatenate([np.array(x + [tokenizer.eos_token_id], dtype=np.uint16) for x in ids])
+    np.save(cache.with_suffix(".tmp.npy"), stream)
+    os.replace(cache.with_suffix(".tmp.npy"), cache)
+    return stream
+
+
+def batch_at(stream: np.ndarray, step: int, seed: int, batch: int, seqlen: int, bos: int) -> torch.Tensor:
+    """The batch of one step depends only on (seed, step), so a resumed run sees the same data."""
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, len(stream) - seqlen, size=batch)
+    x = np.stack([stream[s : s + seqlen - 1] for s in starts]).astype(np.int64)
+    return torch.cat([torch.full((batch, 1), bos), torch.from_numpy(x)], dim=1)
+
+
+def balance_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """Switch-style loss E * sum_i f_i P_i computed per layer and averaged, so every layer is balanced."""
+    losses = []
+    for logits in router_logits:
+        probs = logits.float().softmax(-1)
+        n_exp = probs.shape[-1]
+        chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, n_exp).sum(1).float()
+        losses.append(n_exp * (chosen.mean(0) / top_k * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
+def router_modules(model) -> list[torch.nn.Module]:
+    spec = get_spec(model)
+    layers = decoder_layers(model, spec)
+    return [
+        get_module(layer, f"{spec.mlp}.{spec.router}")
+        for i, layer in enumerate(layers)
+        if spec.is_moe_layer(model.config, i)
+    ]
+
+
+@torch.no_grad()
+def evaluate(model, stream, args, bos: int, n_windows: int = 24) -> float:
+    model.eval()
+    nll = []
+    for i in range(0, n_windows, args.batch):
+        x = batch_at(stream, 10**6 + i, 0, args.batch, args.seqlen, bos)
+        logits = model(input_ids=x).logits
+        nll.append(F.cross_entropy(logits[:, 1:-1].flatten(0, 1), x[:, 2:].flatten()).item())
+    model.train()
+    return math.exp(float(np.mean(nll)))
+
+
+def lr_at(step: int, args) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.max_steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def save_checkpoint(path: Path, model, opt, step: int, history: list) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "history": history}, tmp)
+    os.replace(tmp, path)
+
+
+def export(model, tokenizer, out: Path, meta: dict) -> None:
+    """Write an ordinary HF checkpoint in bf16 (atomically: a half-written export never loads)."""
+    tmp = out.with_name(out.name + ".tmp")
+    model.to(torch.bfloat16).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "training.json").write_text(json.dumps(meta, indent=2))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def build_model(arch: str, seed: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(ARCHS[arch])
+    if kw["model_type"] == "deepseek":
+        import models.deepseek_moe  # noqa: F401  (registers our DeepSeek-MoE classes with the Auto API)
+
+    config = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=sorted(ARCHS), required=True)
+    p.add_argument("--run_dir", type=Path, default=None, help=f"training state (default {RUNS}/<arch>)")
+    p.add_argument("--max_steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--warmup", type=int, default=150)
+    p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument("--aux_coef", type=float, default=0.01)
+    p.add_argument("--save_every", type=int, default=100)
+    p.add_argument("--eval_every", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--export", type=Path, default=None, help="write the current checkpoint as a HF model and exit")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_dir = args.run_dir or RUNS / args.arch
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(RUNS / "tokenizer")
+    model = build_model(args.arch, args.seed)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95),
+    )
+    ckpt_path, step, history = run_dir / "checkpoint.pt", 0, []
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, history = state["step"], state["history"]
+        print(f"resumed {args.arch} from step {step}")
+    if args.export:
+        meta = {"arch": args.arch, "steps": step, "tokens": step * args.batch * args.seqlen,
+                "history": history, "args": {k: str(v) for k, v in vars(args).items()}}
+        export(model, tokenizer, args.export, meta)
+        print(f"exported step {step} to {args.export}")
+        return
+
+    train = token_stream(tokenizer, "train", RUNS / "train_tokens.npy")
+    val = token_stream(tokenizer, "validation", RUNS / "val_tokens.npy")
+    captured: list[torch.Tensor] = []
+    routers = router_modules(model)
+    for r in routers:
+        r.register_forward_hook(lambda mod, inp, out: captured.append(out[0]))
+    top_k = routers[0].top_k
+    bos = tokenizer.bos_token_id
+    print(f"{args.arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+          f"{len(train) / 1e6:.1f}M train tokens, {len(val) / 1e6:.2f}M val tokens")
+    model.train()
+    bar = tqdm(range(step, args.max_steps), initial=step, total=args.max_steps, desc=args.arch)
+    t_last = time.time()
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args)
+        x = batch_at(train, step, args.seed, args.batch, args.seqlen, bos)
+        captured.clear()
+        logits = model(input_ids=x).logits
+        lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+        aux = balance_loss(captured, top_k)
+        (lm + args.aux_coef * aux).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        now = time.time()
+        bar.set_postfix(loss=f"{lm.item():.3f}", aux=f"{aux.item():.3f}", tok_s=f"{x.numel() / (now - t_last):.0f}")
+        t_last = now
+        done = step + 1
+        if done % args.eval_every == 0 or done == args.max_steps:
+            history.append({"step": done, "train_loss": lm.item(), "val_ppl": evaluate(model, val, args, bos)})
+            print(json.dumps(history[-1]), flush=True)
+        if done % args.save_every == 0 or done == args.max_steps:
+            save_checkpoint(ckpt_path, model, opt, done, history)
+
+
+if __name__ == "__main__":
+    main()

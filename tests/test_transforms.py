@@ -1,0 +1,214 @@
+import einops
+import pytest
+import torch
+
+from duquant.transforms import (
+    BlockRotation,
+    Compose,
+    Permutation,
+    Smooth,
+    fit_block_rotation,
+    fit_duquant,
+    fit_smooth,
+    zigzag_permutation,
+)
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _outlier_acts(tokens=512, channels=256, outliers=(3, 70, 200), dtype=torch.float64):
+    x = torch.randn(tokens, channels, generator=_gen(), dtype=dtype)
+    x[:, [o % channels for o in outliers]] *= 50
+    return x
+
+
+def _random_orthogonal(n, b):
+    return torch.linalg.qr(torch.randn(n, b, b, generator=_gen(1), dtype=torch.float64)).Q
+
+
+def _block_max(x, b):
+    return einops.rearrange(x.abs().amax(0), "(n b) -> n b", b=b).amax(-1)
+
+
+def _assert_invariant(t, c, tol=1e-10):
+    x = torch.randn(3, 5, c, generator=_gen(2), dtype=torch.float64)
+    w = torch.randn(7, c, generator=_gen(3), dtype=torch.float64)
+    assert torch.allclose(t.act(x) @ t.weight(w).T, x @ w.T, rtol=0, atol=tol)
+    assert torch.allclose(t.inverse_act(t.act(x)), x, rtol=0, atol=tol)
+
+
+def _assert_orthogonal(rot):
+    eye = torch.eye(rot.blocks.shape[-1], dtype=rot.blocks.dtype)
+    assert torch.allclose(rot.blocks @ rot.blocks.transpose(1, 2), eye.expand_as(rot.blocks), atol=1e-12)
+    eye_tail = torch.eye(rot.tail.shape[0], dtype=rot.tail.dtype)
+    assert torch.allclose(rot.tail @ rot.tail.T, eye_tail, atol=1e-12)
+
+
+def test_smooth_and_permutation_are_exact():
+    s = torch.rand(24, generator=_gen(), dtype=torch.float64) * 10 + 0.01
+    _assert_invariant(Smooth(s), 24)
+    _assert_invariant(Permutation(torch.randperm(24, generator=_gen())), 24)
+
+
+@pytest.mark.parametrize("c, b", [(256, 64), (200, 64), (48, 64)])
+def test_block_rotation_is_exact(c, b):
+    b = min(b, c)
+    n, r = divmod(c, b)
+    rot = BlockRotation(_random_orthogonal(n, b), _random_orthogonal(1, r)[0] if r else None)
+    assert rot.tail.shape == (r, r)
+    _assert_orthogonal(rot)
+    _assert_invariant(rot, c)
+
+
+def test_block_rotation_acts_blockwise():
+    # Only the block (or tail) a channel belongs to can change it.
+    rot = BlockRotation(_random_orthogonal(2, 8), _random_orthogonal(1, 3)[0])
+    x = torch.zeros(1, 19, dtype=torch.float64)
+    x[0, 9] = 1.0
+    y = rot.act(x)[0]
+    assert torch.allclose(y[8:16], rot.blocks[1][1]) and not y[:8].any() and not y[16:].any()
+    x = torch.zeros(1, 19, dtype=torch.float64)
+    x[0, 17] = 1.0
+    assert torch.allclose(rot.act(x)[0, 16:], rot.tail[1])
+
+
+def test_shared_rotation_broadcasts_over_blocks():
+    rot = BlockRotation(_random_orthogonal(1, 16))
+    _assert_invariant(rot, 64)
+    x = torch.randn(4, 64, generator=_gen(), dtype=torch.float64)
+    assert torch.allclose(rot.act(x)[:, 16:32], x[:, 16:32] @ rot.blocks[0])
+    with pytest.raises(ValueError):
+        BlockRotation(_random_orthogonal(3, 16)).act(x)
+
+
+def test_compose_is_exact():
+    c = 40
+    t = Compose([
+        Smooth(torch.rand(c, generator=_gen(), dtype=torch.float64) + 0.1),
+        BlockRotation(_random_orthogonal(2, 16), _random_orthogonal(1, 8)[0]),
+        Permutation(torch.randperm(c, generator=_gen())),
+        BlockRotation(_random_orthogonal(4, 10)),
+    ])
+    _assert_invariant(t, c)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("c", [256, 200])
+def test_fit_duquant_is_exact(shared, c):
+    x = _outlier_acts(tokens=256, channels=c)
+    w_absmax = torch.rand(c, generator=_gen(), dtype=torch.float64) + 0.05
+    t = fit_duquant(x, w_absmax, block_size=64, max_steps=16, shared=shared)
+    assert [type(s) for s in t.transforms] == [Smooth, BlockRotation, Permutation, BlockRotation]
+    for rot in (t.transforms[1], t.transforms[3]):
+        _assert_orthogonal(rot)
+        assert rot.blocks.shape[0] == (1 if shared else c // 64)
+        assert rot.tail.shape == (c % 64, c % 64)
+    _assert_invariant(t, c)
+
+    t32 = fit_duquant(x.float(), w_absmax.float(), block_size=64, max_steps=16, shared=shared)
+    assert all(buf.dtype in (torch.float32, torch.long) for buf in t32.state_dict().values())
+    x32 = torch.randn(64, c, generator=_gen(4))
+    w32 = torch.randn(32, c, generator=_gen(5))
+    ref = x32 @ w32.T
+    out = t32.act(x32) @ t32.weight(w32).T
+    assert ((out - ref).norm() / ref.norm()) < 1e-4
+
+
+def test_fit_duquant_skips_disabled_steps():
+    x = _outlier_acts(tokens=64, channels=64)
+    w_absmax = torch.ones(64, dtype=torch.float64)
+    t = fit_duquant(x, None, block_size=16, max_steps=4, smooth=False)
+    assert [type(s) for s in t.transforms] == [BlockRotation, Permutation, BlockRotation]
+    t = fit_duquant(x, w_absmax, block_size=16, rotate=False)
+    assert [type(s) for s in t.transforms] == [Smooth, Permutation]
+    t = fit_duquant(x, w_absmax, block_size=16, max_steps=4, permute=False)
+    assert [type(s) for s in t.transforms] == [Smooth, BlockRotation, BlockRotation]
+    with pytest.raises(ValueError, match="w_absmax"):
+        fit_duquant(x, None)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_greedy_rotation_lowers_block_max(shared):
+    x = _outlier_acts()
+    rot = fit_block_rotation(x, block_size=64, max_steps=32, shared=shared)
+    _assert_orthogonal(rot)
+    before, after = _block_max(x, 64), _block_max(rot.act(x), 64)
+    # The kept prefix may be empty (identity), never worse than it.
+    assert (after <= before + 1e-12).all()
+    if not shared:
+        # Paper's rule: the three outlier blocks (0, 1, 3) lose most of their peak.
+        assert (after[[0, 1, 3]] < 0.5 * before[[0, 1, 3]]).all()
+
+
+def test_greedy_rotation_handles_a_tail_block():
+    x = _outlier_acts(tokens=256, channels=200, outliers=(3, 195))
+    rot = fit_block_rotation(x, block_size=64, max_steps=16)
+    assert rot.blocks.shape == (3, 64, 64) and rot.tail.shape == (8, 8)
+    _assert_orthogonal(rot)
+    y = rot.act(x)
+    assert y[:, 192:].abs().max() < 0.5 * x[:, 192:].abs().max()
+    assert y[:, :64].abs().max() < 0.5 * x[:, :64].abs().max()
+
+
+def test_fit_block_rotation_is_seeded():
+    x = _outlier_acts(tokens=128, channels=64)
+    a = fit_block_rotation(x, block_size=32, max_steps=8, seed=3)
+    b = fit_block_rotation(x, block_size=32, max_steps=8, seed=3)
+    assert torch.equal(a.blocks, b.blocks)
+
+
+def test_zigzag_balances_blocks():
+    c, b = 256, 32
+    absmax = torch.rand(c, generator=_gen()) + 1.0
+    absmax[:16] = torch.linspace(100, 60, 16)  # every large channel sits in block 0
+    perm = zigzag_permutation(absmax, b).perm
+    assert torch.equal(torch.sort(perm).values, torch.arange(c))
+
+    def spread(v):
+        per_block = einops.rearrange(v, "(n b) -> n b", b=b)
+        return per_block.sum(-1).std(), per_block.amax(-1).std()
+
+    sum_id, max_id = spread(absmax)
+    sum_zz, max_zz = spread(absmax[perm])
+    assert sum_zz < 0.1 * sum_id and max_zz < 0.3 * max_id
+    # Snake order: ranks 0..7 go to blocks 0..7, ranks 8..15 back from block 7 to 0.
+    assert perm.view(8, 32)[:, 0].tolist() == list(range(8))
+    assert perm.view(8, 32)[:, 1].tolist() == list(range(15, 7, -1))
+
+
+def test_zigzag_with_a_tail_block():
+    c, b = 200, 64
+    absmax = torch.rand(c, generator=_gen())
+    perm = zigzag_permutation(absmax, b).perm
+    assert torch.equal(torch.sort(perm).values, torch.arange(c))
+    # The 8-channel tail gets one of the 4 largest channels, not the smallest leftovers.
+    largest = torch.argsort(absmax, descending=True)[:4]
+    assert perm[192] in largest
+    for block in range(3):
+        assert perm[block * 64] in largest
+
+
+def test_fit_smooth_never_nan():
+    act = torch.tensor([0.0, 0.0, 5.0, 1e-9, 3.0])
+    w = torch.tensor([0.0, 2.0, 0.0, 1e-9, 1.5])
+    s = fit_smooth(act, w, alpha=0.6).scale
+    assert torch.isfinite(s).all() and (s >= 1e-2).all()
+    assert torch.allclose(s[4].double(), torch.tensor(3.0).double() ** 0.6 / 1.5**0.4)
+    assert torch.isfinite(fit_smooth(torch.zeros(4), torch.zeros(4)).scale).all()
+
+
+def test_state_dict_round_trip():
+    c = 200
+    x = _outlier_acts(tokens=128, channels=c, dtype=torch.float32)
+    t = fit_duquant(x, torch.rand(c) + 0.1, block_size=64, max_steps=8)
+    empty = Compose([
+        Smooth(torch.empty(c)),
+        BlockRotation(torch.empty(3, 64, 64), torch.empty(8, 8)),
+        Permutation(torch.empty(c, dtype=torch.long)),
+        BlockRotation(torch.empty(3, 64, 64), torch.empty(8, 8)),
+    ])
+    empty.load_state_dict(t.state_dict())
+    assert torch.equal(empty.act(x), t.act(x))
+    assert torch.equal(empty.weight(x[:5]), t.weight(x[:5]))
