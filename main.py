@@ -25,12 +25,16 @@ import torch
 from duquant.config import ConfigError, DuQuantConfig, QuantConfig
 from duquant.data import CALIB_DATASETS, PPL_DATASETS, DataError, calibration_segments, ppl_segments
 from duquant.evaluate import perplexity
-from duquant.pipeline import quantize_model
+from duquant.pipeline import Extensions, quantize_model
+from eaquant_ext.balance import balance_calibration
+from eaquant_ext.config import AGGREGATIONS, EAQuantConfig
+from eaquant_ext.router_align import router_quantizer
+from eaquant_ext.smoothing import moe_smoothing
 from models import DEFAULT_MODEL, ModelLoadError, get_spec, load_model
 
-METHODS = ("fp", "rtn", "duquant")
+METHODS = ("fp", "rtn", "duquant", "eaquant")
 # `python main.py` with no arguments: sizes chosen to finish in minutes on 2 CPU cores.
-DEMO_ARGS = ["--model", DEFAULT_MODEL, "--method", "duquant", "--wbits", "4", "--abits", "4",
+DEMO_ARGS = ["--model", DEFAULT_MODEL, "--method", "eaquant", "--wbits", "4", "--abits", "4",
              "--nsamples", "32", "--seqlen", "512", "--eval_ppl", "wikitext2", "--ppl_samples", "80"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 log = logging.getLogger("main")
@@ -40,7 +44,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--model", default=DEFAULT_MODEL, help="local path, hub id, or alias (demo-mixtral, demo-olmoe, demo-deepseek, mixtral, olmoe, deepseek-moe, qwen-moe, tiny-<arch>)")
-    g.add_argument("--method", choices=METHODS, default="duquant")
+    g.add_argument("--method", choices=METHODS, default="duquant", help="eaquant = duquant --eaquant")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (one decoder layer at a time lives there)")
     g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: float32 on CPU, bfloat16 on GPU")
     g.add_argument("--seed", type=int, default=2, help="calibration sampling and transform fitting (DuQuant's default 2)")
@@ -75,7 +79,50 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--rotation", choices=["paper", "shared"], default="paper", help="paper: per-block greedy rotation on the outlier channel; shared: the published code's one matrix")
     g.add_argument("--rotation_tokens", type=int, default=2048)
     g.add_argument("--route_all_tokens", action="store_true", help="calibration: every expert sees every token")
+    g = p.add_argument_group("eaquant (MoE models only; each defaults to off, --eaquant turns all three on)")
+    g.add_argument("--eaquant", action="store_true", help="smooth_aggregate=maximum, router_align, calib_balance")
+    g.add_argument("--smooth_aggregate", choices=AGGREGATIONS, default=None)
+    g.add_argument("--smooth_aggregate_router", action=argparse.BooleanOptionalAction, default=True,
+                   help="the router's requirement joins the aggregate (paper: yes; the authors' script: no)")
+    g.add_argument("--router_align", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--kl_top", type=int, default=0, help="R: KL over k + int((n-k)R/100) experts")
+    g.add_argument("--calib_balance", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--balance_ratio", type=float, default=2.0, help="r: threshold r*k*N/n routed tokens")
+    g.add_argument("--balance_dataset", choices=CALIB_DATASETS, default="gutenberg", help="source of extra sequences")
+    g.add_argument("--balance_max_extra", type=int, default=None, help="cap on added sequences (default nsamples)")
     return p.parse_args(argv)
+
+
+def build_eaquant(args) -> EAQuantConfig:
+    """--eaquant (or --method eaquant) sets the paper's defaults; explicit switches override them."""
+    paper = args.eaquant or args.method == "eaquant"
+    return EAQuantConfig(
+        smooth_aggregate=args.smooth_aggregate or ("maximum" if paper else None),
+        smooth_aggregate_router=args.smooth_aggregate_router,
+        router_align=paper if args.router_align is None else args.router_align,
+        kl_top=args.kl_top,
+        calib_balance=paper if args.calib_balance is None else args.calib_balance,
+        balance_ratio=args.balance_ratio,
+        balance_dataset=args.balance_dataset,
+        balance_max_extra=args.balance_max_extra,
+    )
+
+
+def extensions(ea: EAQuantConfig) -> Extensions:
+    return Extensions(
+        moe_smoothing=moe_smoothing(ea.smooth_aggregate, ea.smooth_aggregate_router) if ea.smooth_aggregate else None,
+        quantize_router=router_quantizer(ea.kl_top, ea.align_grid, ea.align_rounds) if ea.router_align else None,
+    )
+
+
+def method_name(args, ea: EAQuantConfig) -> str:
+    if args.method in ("fp", "rtn") or not ea.any:
+        return args.method
+    if ea.smooth_aggregate == "maximum" and ea.router_align and ea.calib_balance:
+        return "eaquant"
+    parts = [f"sa-{ea.smooth_aggregate}"] if ea.smooth_aggregate else []
+    parts += ["ra"] * ea.router_align + ["cb"] * ea.calib_balance
+    return "duquant+" + "+".join(parts)
 
 
 def build_configs(args) -> tuple[QuantConfig, DuQuantConfig]:
@@ -126,6 +173,10 @@ def peak_memory_mb(device: torch.device) -> dict:
 def run(args) -> dict:
     args.eval_ppl_list = [s for s in args.eval_ppl.split(",") if s]
     quant, duq = build_configs(args)
+    ea = build_eaquant(args)
+    if ea.any and args.method in ("fp", "rtn"):
+        raise ConfigError(f"EAQuant options build on DuQuant; use --method duquant (or eaquant), not {args.method}")
+    method = method_name(args, ea)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
@@ -140,18 +191,19 @@ def run(args) -> dict:
     if args.seqlen > max_pos:
         print(f"notice: --seqlen {args.seqlen} exceeds the model's {max_pos} positions; using {max_pos}")
         args.seqlen = max_pos
-    if args.route_all_tokens and spec.router is None:
-        raise ConfigError(f"--route_all_tokens needs an MoE model, but {args.model} ({type(model).__name__}) has no MoE layers")
-    out_dir = args.output_dir or Path("results") / f"{Path(args.model.rstrip('/')).name}-{args.method}-{quant.tag}"
+    if (args.route_all_tokens or ea.any) and spec.router is None:
+        option = "--route_all_tokens" if args.route_all_tokens else "EAQuant options (--eaquant and its components)"
+        raise ConfigError(f"{option} require an MoE model, but {args.model} ({type(model).__name__}) has no MoE layers")
+    out_dir = args.output_dir or Path("results") / f"{Path(args.model.rstrip('/')).name}-{method}-{quant.tag}"
     print(f"model {args.model} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
-          f"method {args.method} {quant.tag} (kv {quant.kv_bits}, router w{quant.router_wbits}a{quant.router_abits}), "
+          f"method {method} {quant.tag} (kv {quant.kv_bits}, router w{quant.router_wbits}a{quant.router_abits}), "
           f"calibration {args.nsamples} x {args.seqlen} from {args.calib_dataset}, "
           f"eval {args.eval_ppl or 'none'} (windows {args.ppl_samples or 'all'}), device {device}")
 
     segments = {name: ppl_segments(name, tokenizer, args.seqlen, args.ppl_samples) for name in args.eval_ppl_list}
-    result = {"model": args.model, "method": args.method, "seed": args.seed,
+    result = {"model": args.model, "method": method, "seed": args.seed,
               "config": {"run": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                         "quant": asdict(quant), "duquant": asdict(duq)},
+                         "quant": asdict(quant), "duquant": asdict(duq), "eaquant": asdict(ea)},
               "ppl": {}, "ppl_fp": {}, "tasks": {}, "timings": timings}
     if args.compare_fp and args.method != "fp":
         t = time.time()
@@ -161,9 +213,19 @@ def run(args) -> dict:
     if args.method != "fp":
         t = time.time()
         calib = calibration_segments(args.calib_dataset, tokenizer, args.nsamples, args.seqlen, args.seed)
+        extra = None
+        if ea.calib_balance:
+            cap = args.nsamples if ea.balance_max_extra is None else ea.balance_max_extra
+            pool = calibration_segments(ea.balance_dataset, tokenizer, 2 * cap, args.seqlen, args.seed + 1)
+            extra, result["calib_balance"] = balance_calibration(
+                model, spec, calib, pool, getattr(model.config, spec.top_k_attr), ea.balance_ratio, cap, device)
+            b = result["calib_balance"]
+            print(f"calibration balance: {b['starved_before']} starved (layer, expert) pairs under {b['threshold']:.0f} "
+                  f"tokens -> {b['starved_after']} after adding {b['added_sequences']} sequences"
+                  + ("" if b["stop"] == "passed" else f" ({b['stop']})"))
         timings["calibration_data"] = time.time() - t
-        report = quantize_model(model, spec, calib, quant, duq, device=device, seed=args.seed,
-                                route_all=args.route_all_tokens)
+        report = quantize_model(model, spec, calib, quant, duq, extensions(ea), device=device, seed=args.seed,
+                                route_all=args.route_all_tokens, expert_extra_ids=extra)
         timings["quantize"] = report.timings.pop("total")
         timings.update({f"quantize_{k}": v for k, v in report.timings.items()})
         result["layers"] = report.layers
@@ -185,7 +247,7 @@ def print_summary(result: dict, out_dir: Path) -> None:
         print("\n| perplexity | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
         if result["ppl_fp"]:
             print("| FP | " + " | ".join(f"{result['ppl_fp'][n]:.2f}" for n in names) + " |")
-        print(f"| {result['method']} {result['config']['quant']['wbits']}/{result['config']['quant']['abits']} | "
+        print(f"| {result['method']} W{result['config']['quant']['wbits']}A{result['config']['quant']['abits']} | "
               + " | ".join(f"{result['ppl'][n]:.2f}" for n in names) + " |")
     quant_time = result["timings"].get("quantize")
     if quant_time is not None:

@@ -19,7 +19,7 @@ FILES = {
     "c4_train": DATA_DIR / "c4" / "train.jsonl.gz",
     "gutenberg": DATA_DIR / "train_corpus" / "gutenberg_en.jsonl.gz",
 }
-PPL_DATASETS = ("wikitext2", "c4")
+PPL_DATASETS = ("wikitext2", "c4", "gutenberg")
 CALIB_DATASETS = ("c4", "gutenberg")
 C4_PPL_DOCS, C4_PPL_SEGMENTS = 1100, 256
 
@@ -30,14 +30,17 @@ class DataError(RuntimeError):
 
 def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
-        raise DataError(f"data file {path} is missing; restore it with `git checkout -- {path.relative_to(DATA_DIR.parent)}`")
+        raise DataError(f"data file {path} is missing; restore the repository's data/ folder (git checkout -- data)")
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
 def ppl_text(name: str) -> str:
-    """WikiText-2 test joined with "\\n\\n" (GPTQ); C4 validation's first 1,100 docs joined with " "."""
+    """WikiText-2 test joined with "\\n\\n" (GPTQ); C4 validation's first 1,100 docs joined with " ";
+    the Gutenberg books held out from zoo training, joined with "\\n\\n"."""
+    if name == "gutenberg":
+        return "\n\n".join(r["text"] for r in read_jsonl(FILES["gutenberg"]) if r["split"] == "validation")
     if name == "wikitext2":
         return "\n\n".join(r["text"] for r in read_jsonl(FILES["wikitext2"]))
     if name == "c4":

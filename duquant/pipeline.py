@@ -40,8 +40,8 @@ class Extensions:
     """Replaceable steps. Each receives the layer view and its statistics.
 
     moe_smoothing(view, stats, alpha) -> s [C]: the one smoothing vector of the MoE input.
-    quantize_router(view, weight_t, x_t, quant) -> fake-quantized router weight, given the
-        transformed FP router weight and a sample of transformed router inputs.
+    quantize_router(view, weight_t, x_t, quant) -> (fake-quantized router weight, info dict), given
+        the transformed FP router weight and a sample of transformed router inputs.
     """
 
     moe_smoothing: Callable | None = None
@@ -107,13 +107,12 @@ class LayerQuantizer:
             x = t.act(x)
         return steps[0] if len(steps) == 1 else Compose(steps)
 
-    def online_site(self, reader: nn.Module, x_stats, extra_readers=()) -> nn.Module | None:
+    def online_site(self, reader: nn.Module, x_stats) -> nn.Module | None:
         """o-in style site: smoothing cannot be folded, so it joins the online transform."""
-        readers = [reader, *extra_readers]
         parts = []
         x = x_stats.sample
         if self.cfg.smooth:
-            sm = fit_smooth(x_stats.absmax, weight_absmax(readers), self.cfg.alpha)
+            sm = fit_smooth(x_stats.absmax, weight_absmax([reader]), self.cfg.alpha)
             parts.append(sm)
             x = sm.act(x)
         rot = self.rotations(x)
@@ -189,7 +188,7 @@ def quantize_layer(view: LayerView, stats: LayerStats, lq: LayerQuantizer) -> di
     router_w_t = t_shared.weight(router_w) if t_shared is not None else router_w
     if lq.ext.quantize_router is not None and q.router_wbits < 16:
         x_t = t_shared.act(x_all) if t_shared is not None else x_all
-        weight = lq.ext.quantize_router(view, router_w_t, x_t, q)
+        weight, info["router_align"] = lq.ext.quantize_router(view, router_w_t, x_t, q)
         lq.wrap(view.mlp, _last(view, view.router), t_shared, bits=q.router_abits, weight=weight)
     else:
         router_wq = WeightQuantizer(q.router_wbits, q.w_sym, q.swc, q.w_clip)
@@ -259,8 +258,13 @@ class RoutingAgreement:
 
 @torch.no_grad()
 def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: QuantConfig, cfg: DuQuantConfig,
-                   ext: Extensions | None = None, device="cpu", seed: int = 0, route_all: bool = False) -> Report:
-    """Quantize `model` in place, one decoder layer at a time on `device`."""
+                   ext: Extensions | None = None, device="cpu", seed: int = 0, route_all: bool = False,
+                   expert_extra_ids: torch.Tensor | None = None) -> Report:
+    """Quantize `model` in place, one decoder layer at a time on `device`.
+
+    `expert_extra_ids` are extra sequences whose activations calibrate the routed experts only
+    (attention, router and shared experts see the base set alone).
+    """
     ext = ext or Extensions()
     device = torch.device(device)
     report = Report()
@@ -269,6 +273,7 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: Quant
     if quant.kv_bits < 16:
         kvquant.enable(model)
     inps, kwargs = capture_layer_inputs(model, spec, calib_ids, device, batch_size=1)
+    extra = capture_layer_inputs(model, spec, expert_extra_ids, device, 1)[0] if expert_extra_ids is not None else []
     report.timings["capture"] = time.time() - t0
     fit_time = stats_time = 0.0
     for i, layer in enumerate(tqdm(decoder_layers(model, spec), desc=f"quantize {quant.tag}")):
@@ -278,10 +283,16 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: Quant
         with collect(hooked_sites(view), view.router, view.num_experts, cfg.rotation_tokens, seed + i) as stats, \
                 route_all_tokens(model, spec, enabled=route_all and view.is_moe):
             run_layer(layer, inps, kwargs)
+            if extra and view.is_moe:
+                routed = {m for e in view.experts for m in (e.gate_proj, e.down_proj)}
+                stats.frozen = {m for m in stats.inputs if m not in routed} | {None}
+                run_layer(layer, extra, kwargs)
         stats_time += time.time() - t
         t = time.time()
         fp_router = copy.deepcopy(view.router) if view.is_moe else None
         info = {"layer": i, "moe": view.is_moe}
+        if extra and view.is_moe:
+            info["expert_tokens_balanced"] = [stats[e.gate_proj].count for e in view.experts]
         info.update(quantize_layer(view, stats, LayerQuantizer(quant, cfg, ext, seed + i)))
         if quant.kv_bits < 16:
             view.attn.kv_quant = kvquant.KVQuant(quant.kv_bits, view.attn.head_dim, quant.a_sym, 1.0).to(device)
@@ -292,10 +303,11 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: Quant
             handle = view.mlp.get_submodule(spec.router).register_forward_hook(agreement)
         t = time.time()
         inps = run_layer(layer, inps, kwargs)
-        stats_time += time.time() - t
         if view.is_moe:
             handle.remove()
             info.update(agreement.summary())
+        extra = run_layer(layer, extra, kwargs)
+        stats_time += time.time() - t
         report.layers.append(info)
         if device.type != "cpu":
             layer.to("cpu")

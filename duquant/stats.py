@@ -63,9 +63,20 @@ class RouterStats:
 class LayerStats:
     inputs: dict[nn.Module, InputStats] = field(default_factory=dict)
     router: RouterStats | None = None
+    # Modules (and the router, as None) whose statistics no longer update: used when extra
+    # calibration data is meant for some readers only (EAQuant's expert-balanced calibration).
+    frozen: set = field(default_factory=set)
 
     def __getitem__(self, module: nn.Module) -> InputStats:
         return self.inputs[module]
+
+    def update_input(self, module: nn.Module, x: torch.Tensor) -> None:
+        if module not in self.frozen:
+            self.inputs[module].update(x)
+
+    def update_router(self, output) -> None:
+        if None not in self.frozen:
+            self.router.update(output)
 
 
 @contextmanager
@@ -73,10 +84,10 @@ def collect(modules: list[nn.Module], router: nn.Module | None, num_experts: int
     """Hooks on `modules` (inputs) and `router` (routing), always removed on exit."""
     gen = torch.Generator().manual_seed(seed)
     stats = LayerStats({m: InputStats(cap, gen) for m in modules})
-    handles = [m.register_forward_pre_hook(lambda mod, args: stats.inputs[mod].update(args[0])) for m in modules]
+    handles = [m.register_forward_pre_hook(lambda mod, args: stats.update_input(mod, args[0])) for m in modules]
     if router is not None:
         stats.router = RouterStats(num_experts)
-        handles.append(router.register_forward_hook(lambda mod, args, out: stats.router.update(out)))
+        handles.append(router.register_forward_hook(lambda mod, args, out: stats.update_router(out)))
     try:
         yield stats
     finally:

@@ -1,6 +1,7 @@
 """One adapter per architecture, keyed by the Hugging Face class name in `config.architectures`."""
 from __future__ import annotations
 
+from .deepseek_moe import is_moe_layer as _deepseek_is_moe
 from .spec import ModelSpec, always_moe, never_moe
 
 
@@ -11,11 +12,6 @@ def _qwen_is_moe(config, i: int) -> bool:
         and config.num_experts > 0
         and (i + 1) % config.decoder_sparse_step == 0
     )
-
-
-def _deepseek_is_moe(config, i: int) -> bool:
-    """DeepSeek-MoE keeps the first `first_k_dense_replace` layers dense."""
-    return config.n_routed_experts is not None and i >= config.first_k_dense_replace and i % config.moe_layer_freq == 0
 
 
 MIXTRAL = ModelSpec(name="mixtral", is_moe_layer=always_moe)

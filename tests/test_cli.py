@@ -36,9 +36,17 @@ def test_seqlen_is_capped_with_notice(tmp_path, capsys):
     (["--model", "tiny-mixtral", "--abits", "1"], "--abits 1 is out of range"),
     (["--model", "tiny-mixtral", "--seqlen", "8"], "--seqlen 8 is too short"),
     (["--model", "tiny-mixtral", "--eval_ppl", "ptb"], "--eval_ppl 'ptb' is unknown"),
-    (["--model", "tiny-llama", "--route_all_tokens", "--seqlen", "64"], "needs an MoE model"),
+    (["--model", "tiny-llama", "--route_all_tokens", "--seqlen", "64"], "require an MoE model"),
+    (["--model", "tiny-llama", "--eaquant", "--seqlen", "64"], "require an MoE model"),
+    (["--model", "tiny-mixtral", "--method", "rtn", "--router_align"], "build on DuQuant"),
+    (["--model", "tiny-mixtral", "--smooth_aggregate", "mean"], None),
 ])
 def test_bad_input_is_one_line(argv, message, tmp_path, capsys):
+    if message is None:  # argparse rejects it: usage line plus one error line
+        with pytest.raises(SystemExit) as e:
+            main.main([*argv, "--output_dir", str(tmp_path / "out")])
+        assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+        return
     rc, out, err = _run(capsys, *argv, "--output_dir", str(tmp_path / "out"))
     assert rc == 2
     assert message in err and len(err.strip().splitlines()) == 1

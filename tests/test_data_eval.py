@@ -16,7 +16,7 @@ from .conftest import ALL_ARCHS
 def test_wikitext2_text_is_gptq_join():
     text = ppl_text("wikitext2")
     assert len(text.encode("utf-8")) == 1_296_370  # data/README_shared.md
-    assert text.startswith(" \n\n = Robert Boulter = \n")
+    assert text.startswith("\n\n = Robert Boulter = \n")  # the first row is empty
 
 
 def test_ppl_segments_shapes():

@@ -55,9 +55,15 @@ ARCHS = {
 }
 
 
-def read_books(split: str) -> list[str]:
+SHIPPED_TOKENIZER = Path(__file__).resolve().parent / "tokenizer"
+SMOKE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=64, moe_intermediate_size=32, max_position_embeddings=256)
+
+
+def read_books(split: str, limit: int | None = None) -> list[str]:
     with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
-        return [r["text"] for r in map(json.loads, f) if r["split"] == split]
+        books = [r["text"] for r in map(json.loads, f) if r["split"] == split]
+    return books[:limit]
 
 
 def build_tokenizer(out_dir: Path, vocab_size: int = 8192):
@@ -87,11 +93,11 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 8192):
     return fast
 
 
-def token_stream(tokenizer, split: str, cache: Path) -> np.ndarray:
+def token_stream(tokenizer, split: str, cache: Path, limit: int | None = None) -> np.ndarray:
     """All books of a split as one uint16 stream, books separated by EOS (BOS is added per window)."""
     if cache.exists():
         return np.load(cache)
-    ids = tokenizer(read_books(split), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(read_books(split, limit), add_special_tokens=False, verbose=False)["input_ids"]
     stream = np.concatenate([np.array(x + [tokenizer.eos_token_id], dtype=np.uint16) for x in ids])
     np.save(cache.with_suffix(".tmp.npy"), stream)
     os.replace(cache.with_suffix(".tmp.npy"), cache)
@@ -146,9 +152,10 @@ def lr_at(step: int, args) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def save_checkpoint(path: Path, model, opt, step: int, history: list) -> None:
+def save_checkpoint(path: Path, model, opt, step: int, history: list, elapsed: float) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "history": history}, tmp)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
+                "elapsed": elapsed}, tmp)
     os.replace(tmp, path)
 
 
@@ -165,10 +172,10 @@ def export(model, tokenizer, out: Path, meta: dict) -> None:
     os.replace(tmp, out)
 
 
-def build_model(arch: str, seed: int):
+def build_model(arch: str, seed: int, smoke: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kw = dict(ARCHS[arch])
+    kw = {**ARCHS[arch], **(SMOKE if smoke else {})}
     if kw["model_type"] == "deepseek":
         import models.deepseek_moe  # noqa: F401  (registers our DeepSeek-MoE classes with the Auto API)
 
@@ -193,35 +200,38 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--export", type=Path, default=None, help="write the current checkpoint as a HF model and exit")
+    p.add_argument("--smoke", action="store_true", help="tiny model, shipped tokenizer, two books: a seconds-long check")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     run_dir = args.run_dir or RUNS / args.arch
     run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(RUNS / "tokenizer")
-    model = build_model(args.arch, args.seed)
+    tokenizer = build_tokenizer(SHIPPED_TOKENIZER if args.smoke else RUNS / "tokenizer")
+    model = build_model(args.arch, args.seed, args.smoke)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.95),
     )
-    ckpt_path, step, history = run_dir / "checkpoint.pt", 0, []
+    ckpt_path, step, history, elapsed = run_dir / "checkpoint.pt", 0, [], 0.0
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        step, history = state["step"], state["history"]
+        step, history, elapsed = state["step"], state["history"], state.get("elapsed", 0.0)
         print(f"resumed {args.arch} from step {step}")
     if args.export:
         meta = {"arch": args.arch, "steps": step, "tokens": step * args.batch * args.seqlen,
-                "history": history, "args": {k: str(v) for k, v in vars(args).items()}}
+                "train_seconds": elapsed, "history": history,
+                "args": {k: str(v) for k, v in vars(args).items() if k not in ("export", "run_dir")}}
         export(model, tokenizer, args.export, meta)
         print(f"exported step {step} to {args.export}")
         return
 
-    train = token_stream(tokenizer, "train", RUNS / "train_tokens.npy")
-    val = token_stream(tokenizer, "validation", RUNS / "val_tokens.npy")
+    data_dir, limit = (run_dir, 2) if args.smoke else (RUNS, None)
+    train = token_stream(tokenizer, "train", data_dir / "train_tokens.npy", limit)
+    val = token_stream(tokenizer, "validation", data_dir / "val_tokens.npy", limit)
     captured: list[torch.Tensor] = []
     routers = router_modules(model)
     for r in routers:
@@ -247,13 +257,14 @@ def main(argv=None) -> None:
         opt.zero_grad(set_to_none=True)
         now = time.time()
         bar.set_postfix(loss=f"{lm.item():.3f}", aux=f"{aux.item():.3f}", tok_s=f"{x.numel() / (now - t_last):.0f}")
+        elapsed += now - t_last
         t_last = now
         done = step + 1
         if done % args.eval_every == 0 or done == args.max_steps:
             history.append({"step": done, "train_loss": lm.item(), "val_ppl": evaluate(model, val, args, bos)})
             print(json.dumps(history[-1]), flush=True)
         if done % args.save_every == 0 or done == args.max_steps:
-            save_checkpoint(ckpt_path, model, opt, done, history)
+            save_checkpoint(ckpt_path, model, opt, done, history, elapsed)
 
 
 if __name__ == "__main__":

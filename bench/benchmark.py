@@ -1,0 +1,84 @@
+"""Speed and memory of the pipeline as ratios that transfer across machines.
+
+    python bench/benchmark.py --model demo-mixtral --nsamples 32 --seqlen 512
+
+- quantization wall time / one FP forward pass over the same calibration set (target <= 5x),
+- fake-quant evaluation throughput / FP throughput (target >= 0.5x),
+- peak RSS above the interpreter's own (torch and libraries loaded, no model) / model size
+  (target <= 1.5x; the interpreter's ~0.4 GB would dwarf a 78 MB model otherwise).
+Each phase runs in a fresh process so peak RSS is its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def phase(args) -> dict:
+    from duquant.config import DuQuantConfig, QuantConfig
+    from duquant.data import calibration_segments, ppl_segments
+    from duquant.evaluate import perplexity
+    from duquant.pipeline import quantize_model
+    from models import get_spec, load_model
+
+    rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    model, tok = load_model(args.model)
+    spec = get_spec(model)
+    size_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    calib = calibration_segments("c4", tok, args.nsamples, args.seqlen, 0)
+    evalset = ppl_segments("wikitext2", tok, args.seqlen, args.eval_windows)
+    out = {"model_mb": size_mb, "rss_before_load_mb": rss_base,
+           "rss_after_load_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    t = time.time()
+    perplexity(model, spec, calib, batch_size=1, desc="FP calibration pass")
+    out["fp_pass_s"] = time.time() - t
+    t = time.time()
+    perplexity(model, spec, evalset, desc="FP eval")
+    out["fp_eval_tok_s"] = evalset.numel() / (time.time() - t)
+    if args.phase == "quantize":
+        t = time.time()
+        quantize_model(model, spec, calib, QuantConfig(4, 4), DuQuantConfig(), seed=0)
+        out["quantize_s"] = time.time() - t
+        t = time.time()
+        perplexity(model, spec, evalset, desc="W4A4 eval")
+        out["quant_eval_tok_s"] = evalset.numel() / (time.time() - t)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="demo-mixtral")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval_windows", type=int, default=40)
+    p.add_argument("--phase", choices=["quantize"], default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.phase:
+        print(json.dumps(phase(args)))
+        return
+    cmd = [sys.executable, __file__, "--model", args.model, "--nsamples", str(args.nsamples),
+           "--seqlen", str(args.seqlen), "--eval_windows", str(args.eval_windows), "--phase", "quantize"]
+    r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    ratios = {
+        "quantization / FP pass": r["quantize_s"] / r["fp_pass_s"],
+        "fake-quant eval / FP throughput": r["quant_eval_tok_s"] / r["fp_eval_tok_s"],
+        "(peak RSS - interpreter RSS) / model size": (r["peak_rss_mb"] - r["rss_before_load_mb"]) / r["model_mb"],
+    }
+    print(json.dumps(r, indent=2))
+    print(f"\n| {args.model}, {args.nsamples} x {args.seqlen} calibration, torch {torch.__version__} | ratio |\n|---|---|")
+    for k, v in ratios.items():
+        print(f"| {k} | {v:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

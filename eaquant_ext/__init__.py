@@ -1,0 +1,1 @@
+"""EAQuant's MoE-specific steps, plugged into the DuQuant pipeline through `duquant.pipeline.Extensions`."""

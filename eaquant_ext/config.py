@@ -1,0 +1,38 @@
+"""EAQuant options; `--eaquant` turns all three components on with the paper's defaults."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from duquant.config import ConfigError
+
+AGGREGATIONS = ("maximum", "expert_frequency", "router_logits")
+
+
+@dataclass
+class EAQuantConfig:
+    smooth_aggregate: str | None = None  # None = DuQuant's rule; else one of AGGREGATIONS
+    smooth_aggregate_router: bool = True  # the router's own requirement joins the aggregate (paper: yes)
+    router_align: bool = False
+    kl_top: int = 0  # R: the KL term covers m = k + int((n - k) * R / 100) experts
+    align_grid: int = 20  # clip ratios tried per router row, 1.0 down to 0.5
+    align_rounds: int = 2  # coordinate-descent passes over the router rows
+    calib_balance: bool = False
+    balance_ratio: float = 2.0  # experts below r * k * N / n routed tokens get extra sequences
+    balance_dataset: str = "gutenberg"
+    balance_max_extra: int | None = None  # cap on added sequences (None = nsamples)
+
+    def __post_init__(self):
+        if self.smooth_aggregate is not None and self.smooth_aggregate not in AGGREGATIONS:
+            raise ConfigError(f"--smooth_aggregate {self.smooth_aggregate!r}: choose from {', '.join(AGGREGATIONS)}")
+        if not 0 <= self.kl_top <= 100:
+            raise ConfigError(f"--kl_top {self.kl_top} must be in 0..100")
+        if self.balance_ratio < 0:
+            raise ConfigError(f"--balance_ratio {self.balance_ratio} must be >= 0")
+
+    @property
+    def any(self) -> bool:
+        return self.smooth_aggregate is not None or self.router_align or self.calib_balance
+
+    @classmethod
+    def paper(cls) -> "EAQuantConfig":
+        return cls(smooth_aggregate="maximum", router_align=True, calib_balance=True)

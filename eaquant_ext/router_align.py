@@ -1,0 +1,78 @@
+"""Router logits distribution alignment (EAQuant §2).
+
+A few flipped top-k decisions send tokens to the wrong experts, which no later layer can undo, so
+the router's weight quantization is chosen for the routing it produces rather than for weight
+error: per output row (one expert's logit) a clip ratio minimizing
+    E_x || x W^T - Q_a(x) Q_w(W)^T ||^2  +  E_x KL(p_fp || p_q),
+the KL over the top m = k + int((n - k) R / 100) experts of each token (R = `kl_top`).
+Coordinate descent over rows starts from the default quantizer and only accepts improvements,
+so the result is never worse than the default on this objective.
+"""
+from __future__ import annotations
+
+import torch
+
+from duquant.config import QuantConfig
+from duquant.quantizer import fake_quant
+from models.spec import LayerView
+
+
+def experts_in_kl(top_k: int, num_experts: int, kl_top: int) -> int:
+    return top_k + int((num_experts - top_k) * kl_top / 100)
+
+
+def objective(fp_logits: torch.Tensor, q_logits: torch.Tensor, m: int) -> torch.Tensor:
+    """Logit MSE (summed over experts, mean over tokens) + mean KL over each token's FP top-m experts."""
+    mse = (fp_logits - q_logits).pow(2).sum(-1).mean()
+    top = fp_logits.topk(m, dim=-1).indices
+    logp = fp_logits.gather(-1, top).log_softmax(-1)
+    logq = q_logits.gather(-1, top).log_softmax(-1)
+    return mse + (logp.exp() * (logp - logq)).sum(-1).mean()
+
+
+def routing_metrics(fp_logits: torch.Tensor, q_logits: torch.Tensor, top_k: int) -> dict:
+    same = fp_logits.topk(top_k, -1).indices.sort(-1).values == q_logits.topk(top_k, -1).indices.sort(-1).values
+    logp, logq = fp_logits.log_softmax(-1), q_logits.log_softmax(-1)
+    return {"topk_agreement": same.all(-1).double().mean().item(),
+            "kl": (logp.exp() * (logp - logq)).sum(-1).mean().item()}
+
+
+def align_router(weight: torch.Tensor, x: torch.Tensor, quant: QuantConfig, top_k: int, kl_top: int,
+                 grid: int = 20, rounds: int = 2) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Per-row clip ratios for the (transformed) router weight [n, H] on transformed inputs x [T, H].
+
+    Returns the fake-quantized weight, the ratios, and routing metrics with and without alignment.
+    """
+    w, x = weight.double(), x.double()
+    n = w.shape[0]
+    m = experts_in_kl(top_k, n, kl_top)
+    x_q = fake_quant(x, quant.router_abits, quant.a_sym, quant.lac)
+    fp_logits = x @ w.T
+    ratios = torch.full((n, 1), quant.swc, dtype=w.dtype)
+    w_q = fake_quant(w, quant.router_wbits, quant.w_sym, ratios)
+    q_logits = x_q @ w_q.T
+    default = routing_metrics(fp_logits, q_logits, top_k)
+    default["objective"] = best = objective(fp_logits, q_logits, m).item()
+    candidates = torch.linspace(1.0, 0.5, grid, dtype=w.dtype)
+    for _ in range(rounds):
+        for e in range(n):
+            rows = fake_quant(w[e].expand(grid, -1), quant.router_wbits, quant.w_sym, candidates[:, None])
+            for c, row in zip(candidates, rows):
+                trial = q_logits.clone()
+                trial[:, e] = x_q @ row
+                score = objective(fp_logits, trial, m).item()
+                if score < best:
+                    best, q_logits, ratios[e] = score, trial, c
+                    w_q[e] = row
+    aligned = routing_metrics(fp_logits, q_logits, top_k)
+    aligned["objective"] = best
+    return w_q.to(weight.dtype), ratios.squeeze(1), {"default": default, "aligned": aligned, "kl_experts": m}
+
+
+def router_quantizer(kl_top: int, grid: int, rounds: int):
+    """The `Extensions.quantize_router` hook: (view, weight_t, x_t, quant) -> (weight_q, info)."""
+    def hook(view: LayerView, weight_t: torch.Tensor, x_t: torch.Tensor, quant: QuantConfig):
+        w_q, ratios, info = align_router(weight_t, x_t, quant, view.top_k, kl_top, grid, rounds)
+        info["clip_ratios"] = ratios.tolist()
+        return w_q, info
+    return hook

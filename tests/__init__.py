@@ -1,0 +1,1 @@
+"""CPU tests on tiny random models and the bundled zoo."""
