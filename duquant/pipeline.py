@@ -157,7 +157,9 @@ def expert_down_stats(expert: nn.Module, x: torch.Tensor, down_stats):
     return fb
 
 
-def quantize_layer(view: LayerView, stats: LayerStats, lq: LayerQuantizer) -> dict:
+def quantize_layer(view: LayerView, stats: LayerStats, lq: LayerQuantizer) -> tuple[dict, nn.Module | None]:
+    """Fit and apply every site of one layer; returns its report and, for MoE layers, the FP router
+    as the quantized router will see its input (for routing diagnostics)."""
     q, cfg = lq.q, lq.cfg
     info: dict = {}
     attn_in = view.attn_in
@@ -171,7 +173,7 @@ def quantize_layer(view: LayerView, stats: LayerStats, lq: LayerQuantizer) -> di
     if not view.is_moe:
         t_in, _ = lq.norm_site(view.mlp_norm, view.dense.in_projs, stats[view.dense.gate_proj])
         lq.mlp(view.dense, t_in, stats[view.dense.down_proj])
-        return info
+        return info, None
 
     moe_in = stats[view.router]
     rule = lq.ext.moe_smoothing or default_moe_smoothing
@@ -184,6 +186,7 @@ def quantize_layer(view: LayerView, stats: LayerStats, lq: LayerQuantizer) -> di
         s = torch.ones_like(moe_in.absmax)
     t_shared = lq.rotations(x_all)
 
+    fp_router = copy.deepcopy(view.router)  # smoothing folded, nothing quantized: the FP reference
     router_w = view.router.weight.detach().float()
     router_w_t = t_shared.weight(router_w) if t_shared is not None else router_w
     if lq.ext.quantize_router is not None and q.router_wbits < 16:
@@ -213,7 +216,7 @@ def quantize_layer(view: LayerView, stats: LayerStats, lq: LayerQuantizer) -> di
         log.warning("layer %d: experts %s got fewer than %d calibration tokens; fit on all MoE-input tokens",
                     view.index, fallbacks, cfg.min_expert_tokens)
     info["fallback_experts"] = fallbacks
-    return info
+    return info, fp_router
 
 
 def _parent_of(root: nn.Module, child: nn.Module) -> tuple[nn.Module, str]:
@@ -289,11 +292,11 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: Quant
                 run_layer(layer, extra, kwargs)
         stats_time += time.time() - t
         t = time.time()
-        fp_router = copy.deepcopy(view.router) if view.is_moe else None
         info = {"layer": i, "moe": view.is_moe}
         if extra and view.is_moe:
             info["expert_tokens_balanced"] = [stats[e.gate_proj].count for e in view.experts]
-        info.update(quantize_layer(view, stats, LayerQuantizer(quant, cfg, ext, seed + i)))
+        layer_info, fp_router = quantize_layer(view, stats, LayerQuantizer(quant, cfg, ext, seed + i))
+        info.update(layer_info)
         if quant.kv_bits < 16:
             view.attn.kv_quant = kvquant.KVQuant(quant.kv_bits, view.attn.head_dim, quant.a_sym, 1.0).to(device)
         fit_time += time.time() - t

@@ -17,6 +17,8 @@ built by `fit_duquant`.
 """
 from __future__ import annotations
 
+import math
+
 import einops
 import torch
 import torch.nn as nn
@@ -171,6 +173,20 @@ def _spread_at(g: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
     return g[idx[:, :, None], idx[:, None, :]]
 
 
+def _candidate_rows(xb: torch.Tensor) -> torch.Tensor:
+    """The rows of each block [n, T, b] that can ever hold the block's max |x|.
+
+    A rotation keeps each row's 2-norm, a row's max |x| is at most its 2-norm, and the block max
+    is at least (largest row 2-norm) / sqrt(b). Rows below that bound can never be the maximum,
+    so dropping them changes nothing in the search while activations with outliers shrink a lot.
+    """
+    norms = xb.norm(dim=-1)
+    bound = norms.amax(1, keepdim=True) / math.sqrt(xb.shape[-1])
+    keep = int((norms >= bound).sum(1).max())
+    idx = norms.topk(keep, dim=1).indices
+    return xb.gather(1, idx[..., None].expand(-1, -1, xb.shape[-1]))
+
+
 def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: bool) -> torch.Tensor:
     """Greedy outlier-spreading search on xb [n, T, b]; returns [n, b, b], or [1, b, b] if shared.
 
@@ -182,7 +198,12 @@ def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: 
     so the result is never worse than no rotation.
     """
     n, _, b = xb.shape
-    rot = torch.eye(b, dtype=xb.dtype, device=xb.device).repeat(1 if shared else n, 1, 1)
+    if not shared and n > 1:  # blocks keep different numbers of candidate rows: search each alone
+        return torch.cat([_greedy_rotation(xb[i : i + 1], max_steps, g, False) for i in range(n)])
+    rot = torch.eye(b, dtype=torch.float64, device=xb.device).repeat(1 if shared else n, 1, 1)
+    if not shared:
+        xb = _candidate_rows(xb)
+    xb = xb.float()  # the search runs in float32; the kept rotation accumulates in float64
 
     def peak(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Max |y| per block (or global) and the channel the next step should spread."""
@@ -196,7 +217,7 @@ def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: 
     best_rot, cur = rot, xb
     for _ in range(max_steps):
         step = _spread_at(g, channel)
-        cur, rot = cur @ step, rot @ step
+        cur, rot = cur @ step.float(), rot @ step
         score, channel = peak(cur)
         better = score < best
         best = torch.where(better, score, best)

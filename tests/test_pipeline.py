@@ -95,6 +95,14 @@ def test_expert_with_zero_tokens_falls_back_without_nan(caplog):
         assert torch.isfinite(model(x).logits).all()
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_routing_agreement_is_perfect_at_16_bits(arch):
+    _, _, _, report = _quantize(arch, FP, DuQuantConfig(**FAST))
+    for layer in report.layers:
+        if layer["moe"]:
+            assert layer["topk_agreement"] == 1.0 and abs(layer["router_kl"]) < 1e-6
+
+
 def test_report_counts_every_routed_token():
     model, tok = outlier_model("olmoe")
     calib, _ = tiny_data(tok)
