@@ -30,7 +30,7 @@ from models.spec import decoder_layers, get_module
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "data" / "train_corpus" / "gutenberg_en.jsonl.gz"
-RUNS = Path(os.environ.get("ZOO_RUNS", Path.home() / ".cache" / "moe-ptq-zoo"))
+RUNS = Path(os.environ.get("ZOO_RUNS", REPO / "runs" / "zoo"))
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 
 _COMMON = dict(
@@ -162,7 +162,7 @@ def save_checkpoint(path: Path, model, opt, step: int, history: list, elapsed: f
 def export(model, tokenizer, out: Path, meta: dict) -> None:
     """Write an ordinary HF checkpoint in bf16 (atomically: a half-written export never loads)."""
     tmp = out.with_name(out.name + ".tmp")
-    model.to(torch.bfloat16).save_pretrained(tmp)
+    model.to(torch.bfloat16).save_pretrained(tmp, max_shard_size="15MB")
     tokenizer.save_pretrained(tmp)
     (tmp / "training.json").write_text(json.dumps(meta, indent=2))
     if out.exists():
@@ -170,6 +170,20 @@ def export(model, tokenizer, out: Path, meta: dict) -> None:
 
         shutil.rmtree(out)
     os.replace(tmp, out)
+
+
+def warm_start(model, export_dir: Path) -> tuple[int, list, float]:
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32)
+    try:
+        model.load_state_dict(exported.state_dict())
+    except RuntimeError as e:
+        raise SystemExit(f"--warm_start {export_dir}: weights do not match --arch: {str(e).splitlines()[1:2]}")
+    meta = json.loads((export_dir / "training.json").read_text())
+    history = meta["history"] + [{"step": meta["steps"], "warm_start": export_dir.name,
+                                  "prior_train_seconds": meta["train_seconds"] or None}]
+    return meta["steps"], history, meta["train_seconds"]
 
 
 def build_model(arch: str, seed: int, smoke: bool = False):
@@ -200,6 +214,9 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--export", type=Path, default=None, help="write the current checkpoint as a HF model and exit")
+    p.add_argument("--warm_start", type=Path, default=None,
+                   help="when no checkpoint exists: start from an exported zoo model's weights and step "
+                        "(fresh optimizer state), e.g. after the training state was lost")
     p.add_argument("--smoke", action="store_true", help="tiny model, shipped tokenizer, two books: a seconds-long check")
     args = p.parse_args(argv)
     if args.threads:
@@ -221,6 +238,9 @@ def main(argv=None) -> None:
         opt.load_state_dict(state["opt"])
         step, history, elapsed = state["step"], state["history"], state.get("elapsed", 0.0)
         print(f"resumed {args.arch} from step {step}")
+    elif args.warm_start:
+        step, history, elapsed = warm_start(model, args.warm_start)
+        print(f"warm-started {args.arch} from {args.warm_start} at step {step} (fresh optimizer state)")
     if args.export:
         meta = {"arch": args.arch, "steps": step, "tokens": step * args.batch * args.seqlen,
                 "train_seconds": elapsed, "history": history,
