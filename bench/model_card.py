@@ -64,9 +64,18 @@ def measure(path: str, seqlen: int, calib_samples: int) -> dict:
     return out
 
 
+def training_time(meta: dict) -> str:
+    """Wall time on the project's shared 2-core CPU; steps before a warm start may lack a record."""
+    text = f"{meta.get('train_seconds', 0) / 60:.0f} min wall time on 2 shared CPU cores"
+    lost = [h["step"] for h in meta.get("history", []) if "warm_start" in h and h.get("prior_train_seconds") is None]
+    if lost:
+        text += f" (plus the first {lost[0]} steps, whose time was not recorded)"
+    return text
+
+
 def card(name: str, m: dict) -> str:
     t = m["training"]
-    hist = t.get("history", [])
+    hist = [h for h in t.get("history", []) if "val_ppl" in h]
     o = m["outliers"]
     worst = max(max(r["attn_in"], r["mlp_in"]) for r in o)
     lines = [
@@ -80,8 +89,7 @@ def card(name: str, m: dict) -> str:
         "|---|---|",
         f"| parameters | {m['params_m']:.2f}M ({m['layers']} layers, hidden {m['hidden']}) |",
         f"| checkpoint | {m['size_mb']:.1f} MB (bf16 safetensors) |",
-        f"| training | {t.get('steps', '?')} steps, {t.get('tokens', 0) / 1e6:.1f}M tokens, "
-        f"{t.get('train_seconds', 0) / 60:.0f} min on 2 CPU cores |",
+        f"| training | {t.get('steps', '?')} steps, {t.get('tokens', 0) / 1e6:.1f}M tokens, {training_time(t)} |",
         f"| tokenizer | byte-level BPE, 8192 tokens, BOS prepended to every sequence |",
     ]
     if hist:
