@@ -22,12 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from duquant.config import ConfigError, DuQuantConfig, QuantConfig
+from duquant.config import ConfigError, DuQuantConfig, GPTQConfig, QuantConfig
 from duquant.data import CALIB_DATASETS, PPL_DATASETS, DataError, calibration_segments, ppl_segments
+from duquant.diagnostics import plot_run, summarize
 from duquant.evaluate import perplexity
 from duquant.pipeline import Extensions, quantize_model
-from eaquant_ext.balance import balance_calibration
-from eaquant_ext.config import AGGREGATIONS, EAQuantConfig
+from duquant.zeroshot import TASKS, check_tasks, evaluate_tasks
+from eaquant_ext.agq import affinity_weights
+from eaquant_ext.balance import balance_calibration, expert_balance_std
+from eaquant_ext.config import AGGREGATIONS, EAQuantConfig, MoEQuantConfig
+from eaquant_ext.ebss import ebss_calibration
 from eaquant_ext.router_align import router_quantizer
 from eaquant_ext.smoothing import moe_smoothing
 from models import DEFAULT_MODEL, ModelLoadError, get_spec, load_model
@@ -35,7 +39,8 @@ from models import DEFAULT_MODEL, ModelLoadError, get_spec, load_model
 METHODS = ("fp", "rtn", "duquant", "eaquant")
 # `python main.py` with no arguments: sizes chosen to finish in minutes on 2 CPU cores.
 DEMO_ARGS = ["--model", DEFAULT_MODEL, "--method", "eaquant", "--wbits", "4", "--abits", "4",
-             "--nsamples", "32", "--seqlen", "512", "--eval_ppl", "wikitext2", "--ppl_samples", "80"]
+             "--nsamples", "32", "--seqlen", "512", "--rotation_tokens", "512", "--eval_ppl", "wikitext2",
+             "--ppl_samples", "40"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 log = logging.getLogger("main")
 
@@ -50,13 +55,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=2, help="calibration sampling and transform fitting (DuQuant's default 2)")
     g.add_argument("--output_dir", type=Path, default=None, help="default results/<model>-<method>-w<W>a<A>")
     g = p.add_argument_group("data")
-    g.add_argument("--calib_dataset", choices=CALIB_DATASETS, default="c4", help="c4 train (WikiText-2 train is not bundled)")
+    g.add_argument("--calib_dataset", choices=(*CALIB_DATASETS, "ebss"), default="c4",
+                   help="c4 train (WikiText-2 train is not bundled), gutenberg, or ebss (MoEQuant's self-sampled set; MoE only)")
     g.add_argument("--nsamples", type=int, default=128)
     g.add_argument("--seqlen", type=int, default=2048, help="calibration and evaluation window (capped at the model's max positions)")
     g.add_argument("--eval_ppl", default="wikitext2,c4", help="comma list of " + ",".join(PPL_DATASETS) + "; empty to skip")
     g.add_argument("--ppl_samples", type=int, default=None, help="at most this many windows per perplexity set")
     g.add_argument("--eval_batch_size", type=int, default=4)
     g.add_argument("--compare_fp", action=argparse.BooleanOptionalAction, default=True, help="also evaluate the FP model")
+    g.add_argument("--tasks", default="", help="comma list of lm-eval zero-shot tasks on the bundled data (" + ",".join(TASKS) + "); empty to skip")
+    g.add_argument("--plots", action="store_true", help="write PNGs: expert load, routing agreement, channel absmax")
+    g.add_argument("--plot_layer", type=int, default=None, help="layer of the channel-absmax plot (default: middle)")
+    g.add_argument("--limit", type=int, default=None, help="at most this many examples per task (per MMLU subject)")
     g = p.add_argument_group("quantization")
     g.add_argument("--wbits", type=int, default=4)
     g.add_argument("--abits", type=int, default=4)
@@ -90,6 +100,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--balance_ratio", type=float, default=2.0, help="r: threshold r*k*N/n routed tokens")
     g.add_argument("--balance_dataset", choices=CALIB_DATASETS, default="gutenberg", help="source of extra sequences")
     g.add_argument("--balance_max_extra", type=int, default=None, help="cap on added sequences (default nsamples)")
+    g = p.add_argument_group("gptq and moequant (--moequant = --gptq --agq --calib_dataset ebss)")
+    g.add_argument("--gptq", action="store_true", help="GPTQ rounding of every quantized weight (after the transforms)")
+    g.add_argument("--act_order", action="store_true", help="GPTQ: quantize columns by descending Hessian diagonal")
+    g.add_argument("--group_size", type=int, default=None, help="GPTQ: one scale/zero per this many input columns")
+    g.add_argument("--percdamp", type=float, default=0.01, help="GPTQ: dampening, fraction of mean(diag H)")
+    g.add_argument("--gptq_blocksize", type=int, default=128, help="GPTQ: columns per lazy-update block")
+    g.add_argument("--gptq_min_tokens", type=int, default=16, help="GPTQ: fewer calibration rows -> round to nearest")
+    g.add_argument("--moequant", action="store_true", help="MoEQuant: --gptq --agq --calib_dataset ebss")
+    g.add_argument("--agq", action=argparse.BooleanOptionalAction, default=None,
+                   help="affinity-guided GPTQ: a token's share of an expert's Hessian is its router score (implies --gptq)")
+    g.add_argument("--agq_gate", action=argparse.BooleanOptionalAction, default=True,
+                   help="AGQ also on each expert's gate_proj, via MoEQuant Eq. 17's approximation (R5)")
+    g.add_argument("--agq_c", default="0.1,0.3,0.5,0.7,0.9",
+                   help="constant affinities at which the gate-layer approximation's cosine is reported per layer (R4)")
+    g.add_argument("--ebss_tau", type=float, default=1.2, help="EBSS: score = NLL + balance std / tau")
+    g.add_argument("--ebss_width", type=int, default=4, help="EBSS: candidate sequences kept per step")
+    g.add_argument("--ebss_cache_dir", default=None, help="EBSS cache folder (default results/ebss_cache)")
     return p.parse_args(argv)
 
 
@@ -108,14 +135,48 @@ def build_eaquant(args) -> EAQuantConfig:
     )
 
 
-def extensions(ea: EAQuantConfig) -> Extensions:
+def build_moequant(args) -> tuple[MoEQuantConfig, GPTQConfig | None]:
+    """--moequant turns on GPTQ, AGQ and EBSS; --agq implies --gptq; explicit switches override."""
+    try:
+        agq_c = tuple(float(c) for c in args.agq_c.split(",") if c.strip())
+    except ValueError:
+        raise ConfigError(f"--agq_c {args.agq_c!r} must be a comma list of numbers in (0, 1]") from None
+    if args.moequant and args.calib_dataset not in ("c4", "ebss"):
+        raise ConfigError(f"--moequant calibrates on EBSS; drop --calib_dataset {args.calib_dataset} or --moequant")
+    mq = MoEQuantConfig(agq=args.moequant if args.agq is None else args.agq, agq_gate=args.agq_gate, agq_c=agq_c,
+                        ebss=args.moequant or args.calib_dataset == "ebss", ebss_tau=args.ebss_tau,
+                        ebss_width=args.ebss_width, ebss_cache_dir=args.ebss_cache_dir)
+    if mq.ebss:
+        args.calib_dataset = "ebss"
+    if not (args.gptq or args.moequant or mq.agq):
+        if args.act_order or args.group_size is not None:
+            raise ConfigError("--act_order and --group_size are GPTQ options; add --gptq")
+        return mq, None
+    return mq, GPTQConfig(args.gptq_blocksize, args.percdamp, args.act_order, args.group_size, args.gptq_min_tokens)
+
+
+def extensions(ea: EAQuantConfig, mq: MoEQuantConfig | None = None) -> Extensions:
     return Extensions(
         moe_smoothing=moe_smoothing(ea.smooth_aggregate, ea.smooth_aggregate_router) if ea.smooth_aggregate else None,
         quantize_router=router_quantizer(ea.kl_top, ea.align_grid, ea.align_rounds) if ea.router_align else None,
+        hessian_weights=affinity_weights(mq.agq_gate, mq.agq_c) if mq is not None and mq.agq else None,
     )
 
 
-def method_name(args, ea: EAQuantConfig) -> str:
+def method_name(args, ea: EAQuantConfig, mq: MoEQuantConfig | None = None, gptq: GPTQConfig | None = None) -> str:
+    """rtn, duquant, eaquant, duquant+sa-...; then +gptq/+agq/+ebss, or +moequant for all three
+    ("moequant" alone on rtn, the paper's setting)."""
+    base = _base_method_name(args, ea)
+    if mq is None or (gptq is None and not mq.any):
+        return base
+    if gptq is not None and mq.agq and mq.ebss:
+        name = "moequant" if base == "rtn" else f"{base}+moequant"
+    else:
+        name = "+".join([base] + ["gptq"] * (gptq is not None) + ["agq"] * mq.agq + ["ebss"] * mq.ebss)
+    return name + ("-nogate" if mq.agq and not mq.agq_gate else "")
+
+
+def _base_method_name(args, ea: EAQuantConfig) -> str:
     if args.method in ("fp", "rtn") or not ea.any:
         return args.method
     if ea.smooth_aggregate == "maximum" and ea.router_align and ea.calib_balance:
@@ -133,6 +194,9 @@ def build_configs(args) -> tuple[QuantConfig, DuQuantConfig]:
     for name in args.eval_ppl_list:
         if name not in PPL_DATASETS:
             raise ConfigError(f"--eval_ppl {name!r} is unknown; choose from {', '.join(PPL_DATASETS)}")
+    args.tasks_list = check_tasks(args.tasks_list)
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit {args.limit} must be >= 1")
     quant = QuantConfig(args.wbits, args.abits, args.kv_bits, args.router_wbits, args.router_abits,
                         args.w_sym, args.a_sym, args.swc, args.lac, args.w_clip)
     duq = DuQuantConfig(args.smooth, args.rotate, args.permute, args.alpha, args.block_size,
@@ -140,6 +204,15 @@ def build_configs(args) -> tuple[QuantConfig, DuQuantConfig]:
     if args.method == "rtn":
         duq = DuQuantConfig.rtn()
     return quant, duq
+
+
+def plot_layer(args, model) -> int:
+    """The layer whose channel profile --plots draws (default: the middle one)."""
+    n = model.config.num_hidden_layers
+    layer = n // 2 if args.plot_layer is None else args.plot_layer
+    if not 0 <= layer < n:
+        raise ConfigError(f"--plot_layer {layer} is out of range; the model has layers 0..{n - 1}")
+    return layer
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -172,11 +245,15 @@ def peak_memory_mb(device: torch.device) -> dict:
 
 def run(args) -> dict:
     args.eval_ppl_list = [s for s in args.eval_ppl.split(",") if s]
+    args.tasks_list = [s.strip() for s in args.tasks.split(",") if s.strip()]
     quant, duq = build_configs(args)
     ea = build_eaquant(args)
     if ea.any and args.method in ("fp", "rtn"):
         raise ConfigError(f"EAQuant options build on DuQuant; use --method duquant (or eaquant), not {args.method}")
-    method = method_name(args, ea)
+    mq, gptq = build_moequant(args)
+    if args.method == "fp" and (gptq is not None or mq.any):
+        raise ConfigError("GPTQ and MoEQuant options quantize; use --method rtn, duquant or eaquant, not fp")
+    method = method_name(args, ea, mq, gptq)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
@@ -194,6 +271,9 @@ def run(args) -> dict:
     if (args.route_all_tokens or ea.any) and spec.router is None:
         option = "--route_all_tokens" if args.route_all_tokens else "EAQuant options (--eaquant and its components)"
         raise ConfigError(f"{option} require an MoE model, but {args.model} ({type(model).__name__}) has no MoE layers")
+    if mq.any and spec.router is None:
+        raise ConfigError(f"MoEQuant options (--moequant, --agq, --calib_dataset ebss) require an MoE model, "
+                          f"but {args.model} ({type(model).__name__}) has no MoE layers")
     out_dir = args.output_dir or Path("results") / f"{Path(args.model.rstrip('/')).name}-{method}-{quant.tag}"
     print(f"model {args.model} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
           f"method {method} {quant.tag} (kv {quant.kv_bits}, router w{quant.router_wbits}a{quant.router_abits}), "
@@ -203,16 +283,28 @@ def run(args) -> dict:
     segments = {name: ppl_segments(name, tokenizer, args.seqlen, args.ppl_samples) for name in args.eval_ppl_list}
     result = {"model": args.model, "method": method, "seed": args.seed,
               "config": {"run": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                         "quant": asdict(quant), "duquant": asdict(duq), "eaquant": asdict(ea)},
-              "ppl": {}, "ppl_fp": {}, "tasks": {}, "timings": timings}
+                         "quant": asdict(quant), "duquant": asdict(duq), "eaquant": asdict(ea),
+                         "gptq": asdict(gptq) if gptq is not None else None, "moequant": asdict(mq)},
+              "ppl": {}, "ppl_fp": {}, "tasks": {}, "tasks_fp": {}, "timings": timings}
     if args.compare_fp and args.method != "fp":
         t = time.time()
         for name, seg in segments.items():
             result["ppl_fp"][name] = perplexity(model, spec, seg, device, args.eval_batch_size, desc=f"FP {name}")
         timings["eval_fp"] = time.time() - t
+        if args.tasks_list:
+            t = time.time()
+            result["tasks_fp"] = evaluate_tasks(model, tokenizer, args.tasks_list, args.limit, args.eval_batch_size, device)
+            timings["tasks_fp"] = time.time() - t
     if args.method != "fp":
         t = time.time()
-        calib = calibration_segments(args.calib_dataset, tokenizer, args.nsamples, args.seqlen, args.seed)
+        if mq.ebss:
+            calib, result["ebss"] = ebss_calibration(model, spec, tokenizer, args.model, args.nsamples, args.seqlen,
+                                                     mq.ebss_tau, mq.ebss_width, args.seed, device, mq.ebss_cache_dir)
+            e = result["ebss"]
+            print(f"EBSS calibration ({'cached ' if e['cached'] else ''}{e['cache']}): expert-balance std "
+                  f"{e['balance_std']:.4f}, mean NLL {e['mean_nll']:.3f}")
+        else:
+            calib = calibration_segments(args.calib_dataset, tokenizer, args.nsamples, args.seqlen, args.seed)
         extra = None
         if ea.calib_balance:
             cap = args.nsamples if ea.balance_max_extra is None else ea.balance_max_extra
@@ -224,31 +316,59 @@ def run(args) -> dict:
                   f"tokens -> {b['starved_after']} after adding {b['added_sequences']} sequences"
                   + ("" if b["stop"] == "passed" else f" ({b['stop']})"))
         timings["calibration_data"] = time.time() - t
-        report = quantize_model(model, spec, calib, quant, duq, extensions(ea), device=device, seed=args.seed,
-                                route_all=args.route_all_tokens, expert_extra_ids=extra)
+        report = quantize_model(model, spec, calib, quant, duq, extensions(ea, mq), device=device, seed=args.seed,
+                                route_all=args.route_all_tokens, expert_extra_ids=extra, gptq=gptq,
+                                profile_layer=plot_layer(args, model) if args.plots else None)
         timings["quantize"] = report.timings.pop("total")
         timings.update({f"quantize_{k}": v for k, v in report.timings.items()})
         result["layers"] = report.layers
+        result["router"], result["experts"] = summarize(report.layers, getattr(model.config, spec.top_k_attr, None))
+        profiles = [r.pop("channel_absmax") for r in report.layers if "channel_absmax" in r]
+        if profiles:
+            result["channel_absmax"] = {"layer": plot_layer(args, model), "sites": profiles[0]}
         result["expert_tokens"] = {str(r["layer"]): r["expert_tokens"] for r in report.layers if "expert_tokens" in r}
+        if result["expert_tokens"]:  # MoEQuant's metric, on the calibration routing the pipeline saw
+            result["expert_balance_std"] = expert_balance_std(
+                torch.tensor(list(result["expert_tokens"].values())), getattr(model.config, spec.top_k_attr))
     t = time.time()
     for name, seg in segments.items():
         result["ppl"][name] = perplexity(model, spec, seg, device, args.eval_batch_size, desc=f"{args.method} {name}")
     timings["eval"] = time.time() - t
+    if args.tasks_list:
+        t = time.time()
+        result["tasks"] = evaluate_tasks(model, tokenizer, args.tasks_list, args.limit, args.eval_batch_size, device)
+        timings["tasks"] = time.time() - t
     result["peak_memory_mb"] = peak_memory_mb(device)
     result["versions"] = versions()
     write_json_atomic(out_dir / "results.json", result)
+    if args.plots:
+        for path in plot_run(result, out_dir):
+            print(f"plot: {path}")
     print_summary(result, out_dir)
     return result
 
 
 def print_summary(result: dict, out_dir: Path) -> None:
     names = list(result["ppl"])
+    label = "FP" if result["method"] == "fp" else \
+        f"{result['method']} W{result['config']['quant']['wbits']}A{result['config']['quant']['abits']}"
     if names:
         print("\n| perplexity | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
         if result["ppl_fp"]:
             print("| FP | " + " | ".join(f"{result['ppl_fp'][n]:.2f}" for n in names) + " |")
-        print(f"| {result['method']} W{result['config']['quant']['wbits']}A{result['config']['quant']['abits']} | "
-              + " | ".join(f"{result['ppl'][n]:.2f}" for n in names) + " |")
+        print(f"| {label} | " + " | ".join(f"{result['ppl'][n]:.2f}" for n in names) + " |")
+    if result["tasks"]:
+        fp = result.get("tasks_fp") or {}
+        print("\n| task | metric | " + ("FP | " if fp else "") + label + " |\n|---|---|" + "---|" * (2 if fp else 1))
+        for task, metrics in result["tasks"].items():
+            for key, value in metrics.items():
+                metric, _, filt = key.partition(",")
+                if not filt or metric.endswith("_stderr"):
+                    continue
+                shown = metric + ("" if filt == "none" else f" ({filt})")
+                cells = ([fp.get(task, {}).get(key)] if fp else []) + [value]
+                print(f"| {task} | {shown} | " + " | ".join(
+                    "-" if v is None else f"{v:.2f}" if metric == "perplexity" else f"{100 * v:.2f}" for v in cells) + " |")
     quant_time = result["timings"].get("quantize")
     if quant_time is not None:
         print(f"quantization took {quant_time:.1f} s")

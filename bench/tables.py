@@ -41,13 +41,13 @@ def model_table(model_dir: Path) -> str:
         runs[(bits, method)].append(res)
     sets = list(fp["ppl"]) if fp else ["wikitext2", "c4", "gutenberg"]
     out = [f"### {model_dir.name}", ""]
-    header = "| bits | method | seeds | " + " | ".join(sets) + " | top-k agreement | Δ " + sets[0] + " vs DuQuant |"
+    header = "| bits | method | seeds | " + " | ".join(sets) + " | top-k agreement | Δ vs DuQuant (" + " / ".join(sets) + ") | quantization s |"
     out += [header, "|" + "---|" * (header.count("|") - 1)]
     if fp:
-        out.append("| 16/16 | FP | - | " + " | ".join(f"{fp['ppl'][s]:.2f}" for s in sets) + " | 1.000 | |")
+        out.append("| 16/16 | FP | - | " + " | ".join(f"{fp['ppl'][s]:.2f}" for s in sets) + " | 1.000 | | |")
     for bits in sorted({b for b, _ in runs}, reverse=True):
         base = runs.get((bits, "duquant"), [])
-        base_mean = mean_std([r["ppl"][sets[0]] for r in base])[0] if base else None
+        base_mean = {s: mean_std([r["ppl"][s] for r in base])[0] for s in sets} if base else None
         for key, label in ROWS:
             rs = runs.get((bits, key))
             if not rs:
@@ -56,9 +56,9 @@ def model_table(model_dir: Path) -> str:
             agr = [a for a in map(agreement, rs) if a is not None]
             delta = ""
             if base_mean is not None and key != "duquant":
-                delta = f"{mean_std([r['ppl'][sets[0]] for r in rs])[0] - base_mean:+.2f}"
+                delta = " / ".join(f"{mean_std([r['ppl'][s] for r in rs])[0] - base_mean[s]:+.2f}" for s in sets)
             out.append(f"| {bits.upper()} | {label} | {len(rs)} | " + " | ".join(ppl)
-                       + f" | {fmt(agr, 3) if agr else '-'} | {delta} |")
+                       + f" | {fmt(agr, 3) if agr else '-'} | {delta} | {fmt([r['timings']['quantize'] for r in rs], 0)} |")
     return "\n".join(out) + "\n"
 
 

@@ -77,3 +77,24 @@ class DuQuantConfig:
     @classmethod
     def rtn(cls) -> "DuQuantConfig":
         return cls(smooth=False, rotate=False, permute=False)
+
+
+@dataclass
+class GPTQConfig:
+    """GPTQ weight rounding (`--gptq`) on the project's weight grid; None in a run means round-to-nearest."""
+
+    blocksize: int = 128  # columns per lazy-update block
+    percdamp: float = 0.01  # dampening, as a fraction of mean(diag H)
+    act_order: bool = False  # quantize columns by descending diag(H)
+    group_size: int | None = None  # one scale/zero per this many columns (None = per output channel)
+    min_tokens: int = 16  # a matrix whose Hessian saw fewer calibration rows is rounded to nearest
+
+    def __post_init__(self):
+        if self.blocksize < 1:
+            raise ConfigError(f"--gptq_blocksize {self.blocksize} must be >= 1")
+        if not 0.0 < self.percdamp < 1.0:
+            raise ConfigError(f"--percdamp {self.percdamp} must be in (0, 1)")
+        if self.group_size is not None and self.group_size < 2:
+            raise ConfigError(f"--group_size {self.group_size} must be >= 2")
+        if self.min_tokens < 1:
+            raise ConfigError(f"--gptq_min_tokens {self.min_tokens} must be >= 1")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,12 +26,13 @@ from models.experts import route_all_tokens, unfuse_experts
 from models.spec import LayerView, MLPView, ModelSpec, decoder_layers, resolve
 
 from . import kvquant
-from .config import DuQuantConfig, QuantConfig
+from .config import DuQuantConfig, GPTQConfig, QuantConfig
+from .gptq import Hessian, gptq_quantize, output_cosine
 from .layerwise import capture_layer_inputs, run_layer
 from .qlinear import QLinear
 from .quantizer import ActQuantizer, WeightQuantizer
 from .stats import LayerStats, collect
-from .transforms import Compose, Smooth, fit_duquant, fit_smooth
+from .transforms import Compose, fit_rotations, fit_smooth
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +44,14 @@ class Extensions:
     moe_smoothing(view, stats, alpha) -> s [C]: the one smoothing vector of the MoE input.
     quantize_router(view, weight_t, x_t, quant) -> (fake-quantized router weight, info dict), given
         the transformed FP router weight and a sample of transformed router inputs.
+    hessian_weights(view) -> context manager yielding an object with `weights(module, rows)` (a
+        weight per input row of `module`, or None for unweighted) and `report()` (dict): per-token
+        weighting of the GPTQ Hessians of an MoE layer (MoEQuant's AGQ); used only with `--gptq`.
     """
 
     moe_smoothing: Callable | None = None
     quantize_router: Callable | None = None
+    hessian_weights: Callable | None = None
 
 
 @dataclass
@@ -86,26 +92,36 @@ def fold_into_up(mlp: MLPView, s: torch.Tensor) -> None:
 class LayerQuantizer:
     """Fits and applies DuQuant to one resolved decoder layer."""
 
-    def __init__(self, quant: QuantConfig, cfg: DuQuantConfig, ext: Extensions, seed: int):
+    def __init__(self, quant: QuantConfig, cfg: DuQuantConfig, ext: Extensions, seed: int, defer: bool = False,
+                 profile: bool = False):
         self.q, self.cfg, self.ext, self.seed = quant, cfg, ext, seed
+        self.profile = profile  # record per-channel max |x| before/after the transforms (plots)
         self.w_quant = WeightQuantizer(quant.wbits, quant.w_sym, quant.swc, quant.w_clip)
         self.notes: list[str] = []
+        # defer=True (GPTQ): QLinears keep their transformed FP weight; (QLinear, quantizer) pairs
+        # are listed here and rounded by `gptq_layer` once their Hessians are known.
+        self.deferred: list[tuple[QLinear, WeightQuantizer]] | None = [] if defer else None
 
     def act_quant(self, bits: int | None = None) -> ActQuantizer:
         return ActQuantizer(self.q.abits if bits is None else bits, self.q.a_sym, self.q.lac)
 
     def rotations(self, x: torch.Tensor | None) -> nn.Module | None:
         """R1 . P . R2 (repeated `permutation_times`) fit on smoothed calibration rows."""
+        return self.rotations_many([x])[0] if x is not None else None
+
+    def rotations_many(self, xs: list[torch.Tensor]) -> list[nn.Module | None]:
+        """`rotations` for several sites with the same width (all experts of a layer) in one search."""
         c = self.cfg
-        if x is None or not (c.rotate or c.permute):
-            return None
-        steps = []
+        if not xs or not (c.rotate or c.permute):
+            return [None] * len(xs)
+        steps: list[list[nn.Module]] = [[] for _ in xs]
         for _ in range(c.permutation_times):
-            t = fit_duquant(x, None, c.alpha, c.block_size, c.max_rotation_step, permute=c.permute,
-                            rotate=c.rotate, smooth=False, seed=self.seed, shared=c.rotation == "shared")
-            steps.append(t)
-            x = t.act(x)
-        return steps[0] if len(steps) == 1 else Compose(steps)
+            ts = fit_rotations(xs, c.block_size, c.max_rotation_step, c.permute, c.rotate, self.seed,
+                               c.rotation == "shared")
+            for st, t in zip(steps, ts):
+                st.append(t)
+            xs = [t.act(x) for t, x in zip(ts, xs)]
+        return [st[0] if len(st) == 1 else Compose(st) for st in steps]
 
     def online_site(self, reader: nn.Module, x_stats) -> nn.Module | None:
         """o-in style site: smoothing cannot be folded, so it joins the online transform."""
@@ -122,7 +138,13 @@ class LayerQuantizer:
 
     def wrap(self, parent: nn.Module, name: str, transform, bits: int | None = None, w_quant=None, weight=None):
         inner = getattr(parent, name)
-        setattr(parent, name, QLinear(inner, transform, self.act_quant(bits), w_quant or self.w_quant, weight))
+        w_quant = w_quant or self.w_quant
+        if self.deferred is not None and weight is None and w_quant.bits < 16:
+            qlinear = QLinear(inner, transform, self.act_quant(bits), KEEP_FP)
+            self.deferred.append((qlinear, w_quant))
+        else:
+            qlinear = QLinear(inner, transform, self.act_quant(bits), w_quant, weight)
+        setattr(parent, name, qlinear)
 
     def norm_site(self, norm: nn.Module, readers: list[nn.Module], x_stats) -> tuple[nn.Module | None, torch.Tensor]:
         """attn-in / mlp-in: fold smoothing into the norm, fit rotations on the smoothed rows."""
@@ -133,18 +155,24 @@ class LayerQuantizer:
             x = x / s
         return self.rotations(x), x
 
-    def mlp(self, mlp: MLPView, t_in: nn.Module | None, down_stats) -> None:
-        """An expert / shared expert / dense MLP whose input site transform is `t_in`."""
+    def down_site(self, mlp: MLPView, down_stats) -> torch.Tensor:
+        """Fold down-in smoothing into up_proj; returns the smoothed down-in rows to fit rotations on."""
         x = down_stats.sample
         if self.cfg.smooth:
             s = fit_smooth(down_stats.absmax, weight_absmax([mlp.down_proj]), self.cfg.alpha).scale
             fold_into_up(mlp, s)
             x = x / s
-        t_down = self.rotations(x)
+        return x
+
+    def wrap_mlp(self, mlp: MLPView, t_in: nn.Module | None, t_down: nn.Module | None) -> None:
         gate, up, down = mlp.names
         self.wrap(mlp.module, gate, t_in)
         self.wrap(mlp.module, up, t_in)
         self.wrap(mlp.module, down, t_down)
+
+    def mlp(self, mlp: MLPView, t_in: nn.Module | None, down_stats) -> None:
+        """A shared expert / dense MLP whose input site transform is `t_in`."""
+        self.wrap_mlp(mlp, t_in, self.rotations(self.down_site(mlp, down_stats)))
 
 
 def expert_down_stats(expert: nn.Module, x: torch.Tensor, down_stats):
@@ -163,7 +191,9 @@ def quantize_layer(view: LayerView, stats: LayerStats, lq: LayerQuantizer) -> tu
     q, cfg = lq.q, lq.cfg
     info: dict = {}
     attn_in = view.attn_in
-    t_attn, _ = lq.norm_site(view.attn_norm, attn_in, stats[attn_in[0]])
+    t_attn, x_attn = lq.norm_site(view.attn_norm, attn_in, stats[attn_in[0]])
+    if lq.profile:
+        info["channel_absmax"] = {"attn_in": channel_profile(stats[attn_in[0]].sample, t_attn, x_attn)}
     for lin in attn_in:
         parent, name = _parent_of(view.attn, lin)
         lq.wrap(parent, name, t_attn)
@@ -171,7 +201,9 @@ def quantize_layer(view: LayerView, stats: LayerStats, lq: LayerQuantizer) -> tu
     lq.wrap(parent, name, lq.online_site(view.attn_out, stats[view.attn_out]))
 
     if not view.is_moe:
-        t_in, _ = lq.norm_site(view.mlp_norm, view.dense.in_projs, stats[view.dense.gate_proj])
+        t_in, x_in = lq.norm_site(view.mlp_norm, view.dense.in_projs, stats[view.dense.gate_proj])
+        if lq.profile:
+            info["channel_absmax"]["mlp_in"] = channel_profile(stats[view.dense.gate_proj].sample, t_in, x_in)
         lq.mlp(view.dense, t_in, stats[view.dense.down_proj])
         return info, None
 
@@ -185,6 +217,8 @@ def quantize_layer(view: LayerView, stats: LayerStats, lq: LayerQuantizer) -> tu
     else:
         s = torch.ones_like(moe_in.absmax)
     t_shared = lq.rotations(x_all)
+    if lq.profile:
+        info["channel_absmax"]["moe_in"] = channel_profile(moe_in.sample, t_shared, x_all)
 
     fp_router = copy.deepcopy(view.router)  # smoothing folded, nothing quantized: the FP reference
     router_w = view.router.weight.detach().float()
@@ -202,21 +236,30 @@ def quantize_layer(view: LayerView, stats: LayerStats, lq: LayerQuantizer) -> tu
     for sh in view.shared:
         lq.mlp(sh, t_shared, stats[sh.down_proj])
 
-    fallbacks = []
+    fallbacks, x_in, x_down = [], [], []
     for e, expert in enumerate(view.experts):
         gate_stats, down_stats = stats[expert.gate_proj], stats[expert.down_proj]
         if gate_stats.count >= cfg.min_expert_tokens:
-            x_e = gate_stats.sample / s
+            x_in.append(gate_stats.sample / s)
         else:
             fallbacks.append(e)
-            x_e = x_all
+            x_in.append(x_all)
             down_stats = expert_down_stats(expert.module, x_all, down_stats)
-        lq.mlp(expert, lq.rotations(x_e), down_stats)
+        x_down.append(lq.down_site(expert, down_stats))
+    for expert, t_in, t_down in zip(view.experts, lq.rotations_many(x_in), lq.rotations_many(x_down)):
+        lq.wrap_mlp(expert, t_in, t_down)
     if fallbacks:
         log.warning("layer %d: experts %s got fewer than %d calibration tokens; fit on all MoE-input tokens",
                     view.index, fallbacks, cfg.min_expert_tokens)
     info["fallback_experts"] = fallbacks
     return info, fp_router
+
+
+def channel_profile(raw: torch.Tensor, rotation: nn.Module | None, smoothed: torch.Tensor) -> dict:
+    """Per-channel max |x| of a site's calibration rows as the quantizer would see them without
+    and with the transforms (smoothing already applied to `smoothed`)."""
+    after = rotation.act(smoothed) if rotation is not None else smoothed
+    return {"before": raw.abs().amax(0).tolist(), "after": after.abs().amax(0).tolist()}
 
 
 def _parent_of(root: nn.Module, child: nn.Module) -> tuple[nn.Module, str]:
@@ -259,14 +302,140 @@ class RoutingAgreement:
         return {"topk_agreement": self.same / n, "router_kl": self.kl / n}
 
 
+# ---- GPTQ step (--gptq): Hessians of what each QLinear's weight multiplies, then GPTQ rounding ----
+
+KEEP_FP = WeightQuantizer(16)  # a deferred QLinear holds its transformed FP weight until GPTQ rounds it
+GPTQ_BATCH_BYTES = 2**32  # cap on the float32 Hessians stacked into one batched GPTQ call
+
+
+def _inner(m: nn.Module) -> nn.Module:
+    return m.inner if isinstance(m, QLinear) else m
+
+
+def gptq_groups(view: LayerView, deferred: list) -> list[list]:
+    """Deferred (QLinear, quantizer) pairs grouped by shared input, so each input's Hessian is built
+    once: q/k/v; each MLP's gate/up; router + shared-expert gate; o_proj and every down_proj alone."""
+    by_inner = {q.inner: (q, wq) for q, wq in deferred}
+    sites = [list(view.attn_in), [view.attn_out]]
+    for mlp in [view.dense] if view.dense is not None else view.shared + view.experts:
+        sites += [mlp.in_projs, [mlp.down_proj]]
+    if view.is_moe:
+        sites.append([view.router] + ([view.shared_gate] if view.shared_gate is not None else []))
+    groups = [[by_inner[_inner(m)] for m in site if _inner(m) in by_inner] for site in sites]
+    groups = [g for g in groups if g]
+    if sum(map(len, groups)) != len(deferred):
+        raise RuntimeError("a GPTQ-deferred linear belongs to no input group")
+    return groups
+
+
+class GroupHessians:
+    """Forward pre-hook on a group's first reader: the input rows are what the weights multiply
+    (transformed and activation-quantized). One Hessian per distinct row weighting in the group."""
+
+    def __init__(self, members: list, token_weights):
+        self.members, self.token_weights = members, token_weights
+        self.hessians: dict[bool, Hessian] = {}
+        self.key_of: dict[QLinear, bool] = {}
+        self.active = True
+
+    def __call__(self, module, args) -> None:
+        if not self.active:
+            return
+        x = args[0].reshape(-1, args[0].shape[-1])
+        if x.shape[0] == 0:
+            return
+        added = set()
+        for q, _ in self.members:  # every member is asked, so per-module row offsets stay in step
+            w = self.token_weights.weights(q.inner, x.shape[0]) if self.token_weights is not None else None
+            key = self.key_of.setdefault(q, w is not None)
+            if key in added:
+                continue  # an earlier member with the same weighting already added these rows
+            if key not in self.hessians:
+                self.hessians[key] = Hessian(x.shape[-1], x.device)
+            self.hessians[key].add(x, w)
+            added.add(key)
+
+    def hessian(self, q: QLinear) -> Hessian | None:
+        return self.hessians.get(self.key_of.get(q))
+
+
+@torch.no_grad()
+def gptq_layer(layer: nn.Module, view: LayerView, deferred: list, cfg: GPTQConfig, ext: Extensions,
+               run: Callable[[bool], None]) -> dict:
+    """Collect the Hessians of every deferred QLinear with one calibration pass (`run(False)`; and
+    `run(True)` for expert-only extra data) and replace each weight by its GPTQ rounding.
+
+    Matrices with fewer than `cfg.min_tokens` calibration rows (dead experts) are rounded to nearest.
+    Matrices of one shape and grid (the experts of a layer) go through one batched column loop.
+    """
+    t0 = time.time()
+    if not deferred:  # nothing below 16 bits in this layer
+        return {"fallback": [], "loss": 0.0, "seconds": 0.0}
+    groups = [GroupHessians(g, None) for g in gptq_groups(view, deferred)]
+    routed = {_inner(p) for e in view.experts for p in (e.gate_proj, e.up_proj, e.down_proj)}
+    weighting = ext.hessian_weights(view) if ext.hessian_weights is not None and view.is_moe else nullcontext()
+    with weighting as token_weights:
+        handles = []
+        try:
+            for g in groups:
+                g.token_weights = token_weights
+                handles.append(g.members[0][0].inner.register_forward_pre_hook(g))
+            run(False)
+            for g in groups:
+                g.active = g.members[0][0].inner in routed
+            run(True)
+        finally:
+            for h in handles:
+                h.remove()
+    names = {m: n for n, m in layer.named_modules()}
+    info: dict = {"fallback": [], "loss": 0.0}
+    if token_weights is not None:
+        info["agq"] = token_weights.report()
+    jobs: dict[tuple, list] = {}
+    for g in groups:
+        for q, wq in g.members:
+            h = g.hessian(q)
+            if h is None or h.tokens < cfg.min_tokens:
+                info["fallback"].append(names.get(q, "?"))
+                q.inner.weight.data = wq(q.inner.weight.data.float()).to(q.inner.weight.dtype)
+                continue
+            key = (tuple(q.inner.weight.shape), wq.bits, wq.sym, wq.clip_ratio, wq.clip)
+            jobs.setdefault(key, []).append((q, wq, h))
+    if info["fallback"]:
+        log.warning("layer %d: GPTQ fell back to round-to-nearest for %d matrices with fewer than %d calibration "
+                    "rows: %s", view.index, len(info["fallback"]), cfg.min_tokens, ", ".join(info["fallback"]))
+    gate_ins = {_inner(e.gate_proj) for e in view.experts}
+    cos: dict[str, list[float]] = {"router": [], "expert_gate_proj": []}
+    for (shape, *_), items in jobs.items():
+        per_batch = max(1, GPTQ_BATCH_BYTES // (4 * shape[-1] ** 2))
+        for s in range(0, len(items), per_batch):
+            chunk = items[s : s + per_batch]
+            w = torch.stack([q.inner.weight.data for q, _, _ in chunk])
+            hs = torch.stack([h.matrix() for _, _, h in chunk])
+            qw, losses = gptq_quantize(w, hs, chunk[0][1], cfg.blocksize, cfg.percdamp, cfg.act_order, cfg.group_size)
+            info["loss"] += losses.sum().item()
+            for (q, _, _), w_fp, w_q, h in zip(chunk, w, qw, hs):
+                if q.inner is view.router or q.inner in gate_ins:
+                    cos["router" if q.inner is view.router else "expert_gate_proj"].append(output_cosine(w_fp, w_q, h))
+                q.inner.weight.data = w_q.to(q.inner.weight.dtype)
+    for k, v in cos.items():
+        if v:
+            info[f"{k}_out_cos"] = sum(v) / len(v)
+    info["seconds"] = time.time() - t0
+    return info
+
+
 @torch.no_grad()
 def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: QuantConfig, cfg: DuQuantConfig,
                    ext: Extensions | None = None, device="cpu", seed: int = 0, route_all: bool = False,
-                   expert_extra_ids: torch.Tensor | None = None) -> Report:
+                   expert_extra_ids: torch.Tensor | None = None, gptq: GPTQConfig | None = None,
+                   profile_layer: int | None = None) -> Report:
     """Quantize `model` in place, one decoder layer at a time on `device`.
 
     `expert_extra_ids` are extra sequences whose activations calibrate the routed experts only
     (attention, router and shared experts see the base set alone).
+    `gptq` replaces round-to-nearest of the weights by GPTQ, after the transforms are fitted.
+    Layer `profile_layer` reports its sites' per-channel max |x| before and after the transforms.
     """
     ext = ext or Extensions()
     device = torch.device(device)
@@ -278,7 +447,7 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: Quant
     inps, kwargs = capture_layer_inputs(model, spec, calib_ids, device, batch_size=1)
     extra = capture_layer_inputs(model, spec, expert_extra_ids, device, 1)[0] if expert_extra_ids is not None else []
     report.timings["capture"] = time.time() - t0
-    fit_time = stats_time = 0.0
+    fit_time = stats_time = gptq_time = 0.0
     for i, layer in enumerate(tqdm(decoder_layers(model, spec), desc=f"quantize {quant.tag}")):
         layer.to(device)
         view = resolve(spec, layer, model.config, i)
@@ -295,11 +464,20 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: Quant
         info = {"layer": i, "moe": view.is_moe}
         if extra and view.is_moe:
             info["expert_tokens_balanced"] = [stats[e.gate_proj].count for e in view.experts]
-        layer_info, fp_router = quantize_layer(view, stats, LayerQuantizer(quant, cfg, ext, seed + i))
+        lq = LayerQuantizer(quant, cfg, ext, seed + i, defer=gptq is not None, profile=i == profile_layer)
+        layer_info, fp_router = quantize_layer(view, stats, lq)
         info.update(layer_info)
         if quant.kv_bits < 16:
             view.attn.kv_quant = kvquant.KVQuant(quant.kv_bits, view.attn.head_dim, quant.a_sym, 1.0).to(device)
         fit_time += time.time() - t
+        if gptq is not None:
+            def run(extra_pass: bool, layer=layer, view=view) -> None:
+                if extra_pass and not (extra and view.is_moe):
+                    return
+                with route_all_tokens(model, spec, enabled=route_all and view.is_moe):
+                    run_layer(layer, extra if extra_pass else inps, kwargs)
+            info["gptq"] = gptq_layer(layer, view, lq.deferred, gptq, ext, run)
+            gptq_time += info["gptq"]["seconds"]
         if view.is_moe:
             info["expert_tokens"] = stats.router.counts.tolist()
             agreement = RoutingAgreement(fp_router, view.top_k)
@@ -315,4 +493,6 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: Quant
         if device.type != "cpu":
             layer.to("cpu")
     report.timings.update(statistics_and_propagation=stats_time, fitting=fit_time, total=time.time() - t0)
+    if gptq is not None:
+        report.timings["gptq"] = gptq_time
     return report

@@ -174,32 +174,34 @@ def _spread_at(g: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
 
 
 def _candidate_rows(xb: torch.Tensor) -> torch.Tensor:
-    """The rows of each block [n, T, b] that can ever hold the block's max |x|.
+    """The rows of each block [n, T, b] that can ever hold the block's max |x|, zero-padded.
 
     A rotation keeps each row's 2-norm, a row's max |x| is at most its 2-norm, and the block max
     is at least (largest row 2-norm) / sqrt(b). Rows below that bound can never be the maximum,
-    so dropping them changes nothing in the search while activations with outliers shrink a lot.
+    so dropping them changes nothing in the search. Blocks keep different numbers of rows; the
+    shorter ones are padded with zero rows, which stay zero under rotation and so never change a
+    block's max |x| or the channel holding it.
     """
     norms = xb.norm(dim=-1)
-    bound = norms.amax(1, keepdim=True) / math.sqrt(xb.shape[-1])
-    keep = int((norms >= bound).sum(1).max())
-    idx = norms.topk(keep, dim=1).indices
-    return xb.gather(1, idx[..., None].expand(-1, -1, xb.shape[-1]))
+    keep = norms >= norms.amax(1, keepdim=True) / math.sqrt(xb.shape[-1])
+    rows = int(keep.sum(1).max())
+    idx = norms.masked_fill(~keep, -1.0).topk(rows, dim=1).indices
+    picked = xb.gather(1, idx[..., None].expand(-1, -1, xb.shape[-1]))
+    return picked * keep.gather(1, idx)[..., None]
 
 
 def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: bool) -> torch.Tensor:
     """Greedy outlier-spreading search on xb [n, T, b]; returns [n, b, b], or [1, b, b] if shared.
 
-    All blocks step together. Per block (paper's rule) each step spreads the channel holding
-    that block's largest |x|. Shared (published code) one matrix serves every block: the
-    global max over the activation viewed as rows of b, i.e. [(T n), b], picks the row
-    holding it and the step spreads channel `row mod b`. Either way the kept rotation is the
-    prefix of steps with the smallest max |x| (per block, or global), the identity included,
-    so the result is never worse than no rotation.
+    All blocks step together (blocks of many sites can be stacked into one search: each block's
+    search is independent). Per block (paper's rule) each step spreads the channel holding that
+    block's largest |x|. Shared (published code) one matrix serves every block: the global max
+    over the activation viewed as rows of b, i.e. [(T n), b], picks the row holding it and the
+    step spreads channel `row mod b`. Either way the kept rotation is the prefix of steps with the
+    smallest max |x| (per block, or global), the identity included, so the result is never worse
+    than no rotation.
     """
     n, _, b = xb.shape
-    if not shared and n > 1:  # blocks keep different numbers of candidate rows: search each alone
-        return torch.cat([_greedy_rotation(xb[i : i + 1], max_steps, g, False) for i in range(n)])
     rot = torch.eye(b, dtype=torch.float64, device=xb.device).repeat(1 if shared else n, 1, 1)
     if not shared:
         xb = _candidate_rows(xb)
@@ -225,27 +227,51 @@ def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: 
     return best_rot
 
 
+def _blocks_of(x: torch.Tensor, b: int) -> torch.Tensor:
+    """[T, C] -> the full blocks [C // b, T, b] (float64)."""
+    n = x.shape[-1] // b
+    return einops.rearrange(x.reshape(-1, x.shape[-1])[:, : n * b].double(), "t (n b) -> n t b", b=b)
+
+
+def fit_block_rotations(
+    xs: list[torch.Tensor], block_size: int = 128, max_steps: int = 256, seed: int = 0, shared: bool = False
+) -> list[BlockRotation]:
+    """Fit R1/R2 of DuQuant for several sites at once (DUQUANT.md section 3, step 1).
+
+    Every x [..., C] (same C; e.g. the inputs of all experts of a layer) gets its own rotation, as
+    if fit alone; stacking their blocks into one search only saves the per-step overhead. The
+    block size is capped at C. A tail block (C mod b channels) gets its own greedy search; the
+    shared variant has nothing to share with it, so it uses the per-block rule there.
+    """
+    c = xs[0].shape[-1]
+    if any(x.shape[-1] != c for x in xs):
+        raise ValueError("fit_block_rotations needs inputs with the same channel count")
+    b = min(block_size, c)
+    n, r = divmod(c, b)
+    device = xs[0].device
+    g = _spreading_matrix(b, seed).to(device)
+    if shared:
+        blocks = [_greedy_rotation(_blocks_of(x, b).contiguous(), max_steps, g, True) for x in xs]
+    else:
+        heads = [_candidate_rows(_blocks_of(x, b)) for x in xs]
+        rows = max(h.shape[1] for h in heads)
+        stacked = torch.cat([torch.nn.functional.pad(h, (0, 0, 0, rows - h.shape[1])) for h in heads])
+        blocks = list(_greedy_rotation(stacked, max_steps, g, False).split(n))
+    tails: list[torch.Tensor | None] = [None] * len(xs)
+    if r:
+        g_tail = _spreading_matrix(r, seed).to(device)
+        parts = [_candidate_rows(x.reshape(-1, c)[None, :, n * b :].double()) for x in xs]
+        rows = max(t.shape[1] for t in parts)
+        stacked = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, rows - t.shape[1])) for t in parts])
+        tails = list(_greedy_rotation(stacked, max_steps, g_tail, False))
+    return [BlockRotation(bl.to(x.dtype), None if t is None else t.to(x.dtype)) for bl, t, x in zip(blocks, tails, xs)]
+
+
 def fit_block_rotation(
     x: torch.Tensor, block_size: int = 128, max_steps: int = 256, seed: int = 0, shared: bool = False
 ) -> BlockRotation:
-    """Fit R1/R2 of DuQuant on calibration activations x [..., C] (DUQUANT.md section 3, step 1).
-
-    The block size is capped at C. A tail block (C mod b channels) gets its own greedy search;
-    the shared variant has nothing to share with it, so it uses the per-block rule there.
-    """
-    c = x.shape[-1]
-    b = min(block_size, c)
-    n, r = divmod(c, b)
-    xd = x.reshape(-1, c).double()
-    g = _spreading_matrix(b, seed).to(x.device)
-    head = einops.rearrange(xd[:, : n * b], "t (n b) -> n t b", b=b).contiguous()
-    blocks = _greedy_rotation(head, max_steps, g, shared)
-    tail = None
-    if r:
-        g_tail = _spreading_matrix(r, seed).to(x.device)
-        tail = _greedy_rotation(xd[None, :, n * b :], max_steps, g_tail, shared=False)[0]
-        tail = tail.to(x.dtype)
-    return BlockRotation(blocks.to(x.dtype), tail)
+    """One site's R1/R2; see `fit_block_rotations`."""
+    return fit_block_rotations([x], block_size, max_steps, seed, shared)[0]
 
 
 def _snake(count: int, n_blocks: int, first_round: int = 0) -> torch.Tensor:
@@ -272,6 +298,36 @@ def zigzag_permutation(channel_absmax: torch.Tensor, block_size: int) -> Permuta
     rank = torch.arange(c)
     perm = order[torch.argsort(block * c + rank)]
     return Permutation(perm.to(channel_absmax.device))
+
+
+def fit_rotations(
+    xs: list[torch.Tensor],
+    block_size: int = 128,
+    max_steps: int = 256,
+    permute: bool = True,
+    rotate: bool = True,
+    seed: int = 0,
+    shared: bool = False,
+) -> list[Compose]:
+    """R1 . P . R2 for each of several sites (same channel count), fit jointly for speed.
+
+    Each site's transform is exactly what fitting it alone gives. Disabled steps are left out.
+    """
+    cur = [x.reshape(-1, x.shape[-1]).double() for x in xs]
+    steps: list[list[nn.Module]] = [[] for _ in xs]
+
+    def add(ts: list[nn.Module]) -> None:
+        for i, t in enumerate(ts):
+            steps[i].append(t)
+            cur[i] = t.act(cur[i])
+
+    if rotate:
+        add(fit_block_rotations(cur, block_size, max_steps, seed, shared))
+    if permute:
+        add([zigzag_permutation(x.abs().amax(0), block_size) for x in cur])
+    if rotate:
+        add(fit_block_rotations(cur, block_size, max_steps, seed, shared))
+    return [Compose(st).to(x.dtype) for st, x in zip(steps, xs)]
 
 
 def fit_duquant(
@@ -304,10 +360,6 @@ def fit_duquant(
 
     if smooth:
         add(fit_smooth(cur.abs().amax(0), w_absmax.double(), alpha))
-    if rotate:
-        add(fit_block_rotation(cur, block_size, max_steps, seed, shared))
-    if permute:
-        add(zigzag_permutation(cur.abs().amax(0), block_size))
-    if rotate:
-        add(fit_block_rotation(cur, block_size, max_steps, seed, shared))
+    if rotate or permute:
+        steps.extend(fit_rotations([cur], block_size, max_steps, permute, rotate, seed, shared)[0].transforms)
     return Compose(steps).to(x.dtype)

@@ -8,6 +8,7 @@ from duquant.transforms import (
     Permutation,
     Smooth,
     fit_block_rotation,
+    fit_rotations,
     fit_duquant,
     fit_smooth,
     zigzag_permutation,
@@ -212,3 +213,17 @@ def test_state_dict_round_trip():
     empty.load_state_dict(t.state_dict())
     assert torch.equal(empty.act(x), t.act(x))
     assert torch.equal(empty.weight(x[:5]), t.weight(x[:5]))
+
+
+def test_joint_fit_equals_fitting_each_site_alone():
+    """Stacking several sites (e.g. all experts of a layer) into one search is only a speed-up."""
+    gen = torch.Generator().manual_seed(5)
+    xs = []
+    for t, hot in ((40, 3), (200, 17), (7, 60)):  # different token counts, outliers in different channels
+        x = torch.randn(t, 80, generator=gen, dtype=torch.float64)
+        x[:, hot] *= 30
+        xs.append(x)
+    joint = fit_rotations(xs, block_size=32, max_steps=24, seed=1)
+    for x, t in zip(xs, joint):
+        alone = fit_rotations([x], block_size=32, max_steps=24, seed=1)[0]
+        torch.testing.assert_close(t.act(x), alone.act(x), rtol=0, atol=1e-9)
