@@ -29,7 +29,7 @@ from duquant.evaluate import perplexity
 from duquant.pipeline import Extensions, quantize_model
 from duquant.zeroshot import TASKS, check_tasks, evaluate_tasks
 from eaquant_ext.agq import affinity_weights
-from eaquant_ext.balance import balance_calibration, expert_balance_std
+from eaquant_ext.balance import balance_calibration
 from eaquant_ext.config import AGGREGATIONS, EAQuantConfig, MoEQuantConfig
 from eaquant_ext.ebss import ebss_calibration
 from eaquant_ext.router_align import router_quantizer
@@ -327,9 +327,6 @@ def run(args) -> dict:
         if profiles:
             result["channel_absmax"] = {"layer": plot_layer(args, model), "sites": profiles[0]}
         result["expert_tokens"] = {str(r["layer"]): r["expert_tokens"] for r in report.layers if "expert_tokens" in r}
-        if result["expert_tokens"]:  # MoEQuant's metric, on the calibration routing the pipeline saw
-            result["expert_balance_std"] = expert_balance_std(
-                torch.tensor(list(result["expert_tokens"].values())), getattr(model.config, spec.top_k_attr))
     t = time.time()
     for name, seg in segments.items():
         result["ppl"][name] = perplexity(model, spec, seg, device, args.eval_batch_size, desc=f"{args.method} {name}")

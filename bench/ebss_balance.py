@@ -3,7 +3,7 @@
     python bench/ebss_balance.py --model demo-mixtral
     python bench/ebss_balance.py --model demo-mixtral --nsamples 16 --seqlen 256 --tau 1.2,0.3,0.1 --json out.json
 
-For every set: the expert-balance std (MoEQuant Eq. 3-4, `eaquant_ext.balance.expert_balance_std`,
+For every set: the expert-balance std (MoEQuant Eq. 3-4, `duquant.diagnostics.expert_balance_std`,
 routing of the FP model) and the set's perplexity under the model (EBSS aims at both: balanced
 AND likely). Text sets are seeded random `seqlen` windows: C4 train and Gutenberg train as
 `--calib_dataset` draws them, and WikiText-2 *test* (train is not bundled). EBSS sets come
@@ -34,7 +34,8 @@ def wikitext2_windows(tokenizer, nsamples: int, seqlen: int, seed: int) -> torch
 def main(argv: list[str] | None = None) -> dict:
     from duquant.data import calibration_segments
     from duquant.evaluate import perplexity
-    from eaquant_ext.balance import expert_balance_std, routing_counts
+    from duquant.diagnostics import expert_balance_std
+    from eaquant_ext.balance import routing_counts
     from eaquant_ext.ebss import ebss_calibration
     from models import get_spec, load_model
 

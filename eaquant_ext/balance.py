@@ -92,16 +92,3 @@ def balance_calibration(model, spec: ModelSpec, base_ids: torch.Tensor, pool_ids
         log.warning("calibration balance: %d (layer, expert) pairs still under %.0f tokens after adding %d sequences (%s)",
                     report["starved_after"], thresh, len(chosen), report["stop"])
     return (pool_ids[chosen] if chosen else None), report
-
-
-def expert_balance_std(counts: torch.Tensor, top_k: int) -> float:
-    """MoEQuant's expert-balance metric (Eq. 3-4; R1's "expert balance std").
-
-    `counts` [..., L, E] are routed tokens per (MoE layer, expert); leading dimensions (sequences)
-    are summed. Per layer, expert e's usage frequency is u_e = count_e / tokens (the share of tokens
-    that use it; the u_e of a layer sum to top_k), sigma_l is the unbiased standard deviation of
-    u over the experts, and the metric is the mean of sigma_l over layers. 0 = perfectly balanced.
-    """
-    c = counts.double().reshape(-1, *counts.shape[-2:]).sum(0)
-    tokens = (c.sum(-1, keepdim=True) / top_k).clamp_min(1e-12)
-    return (c / tokens).std(-1, unbiased=True).mean().item()

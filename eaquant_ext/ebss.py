@@ -8,7 +8,7 @@ candidate sequences (beams) are kept. At each step every beam S of length l is e
 `width` most likely next tokens v, and the `width` candidates with the lowest
     score(S||v) = -(R_S + log P(v|S)) / (l + 1)  +  sigma(S) / tau            (Eq. 13)
 survive (Eq. 14), where R_S is the beam's summed log-likelihood and sigma(S) its expert-balance
-std (`balance.expert_balance_std`, from the routing of S's own tokens). As in the paper the
+std (`duquant.diagnostics.expert_balance_std`, from the routing of S's own tokens). As in the paper the
 balance of the candidate token itself is deferred (known only once it is fed), so sigma prunes
 whole branches and the likelihood picks tokens. tau weighs balance against likelihood (1.2 is
 the paper's best, R2); width 4 (R3). Everything runs once per step for all beams of `batch`
@@ -28,9 +28,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from duquant.diagnostics import expert_balance_std
 from models.spec import ModelSpec, decoder_layers, get_module
-
-from .balance import expert_balance_std
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = Path("results") / "ebss_cache"
