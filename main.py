@@ -206,6 +206,20 @@ def build_configs(args) -> tuple[QuantConfig, DuQuantConfig]:
     return quant, duq
 
 
+def evaluate(model, spec, tokenizer, segments: dict, args, device, label: str) -> tuple[dict, dict, dict]:
+    """Perplexity on every set, then the zero-shot tasks: the same for the FP and the quantized model."""
+    ppl, tasks, times = {}, {}, {}
+    t = time.time()
+    for name, seg in segments.items():
+        ppl[name] = perplexity(model, spec, seg, device, args.eval_batch_size, desc=f"{label} {name}")
+    times["eval"] = time.time() - t
+    if args.tasks_list:
+        t = time.time()
+        tasks = evaluate_tasks(model, tokenizer, args.tasks_list, args.limit, args.eval_batch_size, device)
+        times["tasks"] = time.time() - t
+    return ppl, tasks, times
+
+
 def plot_layer(args, model) -> int:
     """The layer whose channel profile --plots draws (default: the middle one)."""
     n = model.config.num_hidden_layers
@@ -287,14 +301,8 @@ def run(args) -> dict:
                          "gptq": asdict(gptq) if gptq is not None else None, "moequant": asdict(mq)},
               "ppl": {}, "ppl_fp": {}, "tasks": {}, "tasks_fp": {}, "timings": timings}
     if args.compare_fp and args.method != "fp":
-        t = time.time()
-        for name, seg in segments.items():
-            result["ppl_fp"][name] = perplexity(model, spec, seg, device, args.eval_batch_size, desc=f"FP {name}")
-        timings["eval_fp"] = time.time() - t
-        if args.tasks_list:
-            t = time.time()
-            result["tasks_fp"] = evaluate_tasks(model, tokenizer, args.tasks_list, args.limit, args.eval_batch_size, device)
-            timings["tasks_fp"] = time.time() - t
+        result["ppl_fp"], result["tasks_fp"], times = evaluate(model, spec, tokenizer, segments, args, device, "FP")
+        timings.update({f"{k}_fp": v for k, v in times.items()})
     if args.method != "fp":
         t = time.time()
         if mq.ebss:
@@ -327,14 +335,8 @@ def run(args) -> dict:
         if profiles:
             result["channel_absmax"] = {"layer": plot_layer(args, model), "sites": profiles[0]}
         result["expert_tokens"] = {str(r["layer"]): r["expert_tokens"] for r in report.layers if "expert_tokens" in r}
-    t = time.time()
-    for name, seg in segments.items():
-        result["ppl"][name] = perplexity(model, spec, seg, device, args.eval_batch_size, desc=f"{args.method} {name}")
-    timings["eval"] = time.time() - t
-    if args.tasks_list:
-        t = time.time()
-        result["tasks"] = evaluate_tasks(model, tokenizer, args.tasks_list, args.limit, args.eval_batch_size, device)
-        timings["tasks"] = time.time() - t
+    result["ppl"], result["tasks"], times = evaluate(model, spec, tokenizer, segments, args, device, args.method)
+    timings.update(times)
     result["peak_memory_mb"] = peak_memory_mb(device)
     result["versions"] = versions()
     write_json_atomic(out_dir / "results.json", result)
