@@ -22,12 +22,15 @@ def experts_in_kl(top_k: int, num_experts: int, kl_top: int) -> int:
 
 
 def objective(fp_logits: torch.Tensor, q_logits: torch.Tensor, m: int) -> torch.Tensor:
-    """Logit MSE (summed over experts, mean over tokens) + mean KL over each token's FP top-m experts."""
-    mse = (fp_logits - q_logits).pow(2).sum(-1).mean()
+    """Logit MSE (summed over experts, mean over tokens) + mean KL over each token's FP top-m experts.
+
+    `q_logits` [..., T, n] may carry leading dimensions (one per candidate); the result has them.
+    """
+    mse = (fp_logits - q_logits).pow(2).sum(-1).mean(-1)
     top = fp_logits.topk(m, dim=-1).indices
     logp = fp_logits.gather(-1, top).log_softmax(-1)
-    logq = q_logits.gather(-1, top).log_softmax(-1)
-    return mse + (logp.exp() * (logp - logq)).sum(-1).mean()
+    logq = q_logits.gather(-1, top.expand(*q_logits.shape[:-1], m)).log_softmax(-1)
+    return mse + (logp.exp() * (logp - logq)).sum(-1).mean(-1)
 
 
 def routing_metrics(fp_logits: torch.Tensor, q_logits: torch.Tensor, top_k: int) -> dict:
@@ -57,13 +60,12 @@ def align_router(weight: torch.Tensor, x: torch.Tensor, quant: QuantConfig, top_
     for _ in range(rounds):
         for e in range(n):
             rows = fake_quant(w[e].expand(grid, -1), quant.router_wbits, quant.w_sym, candidates[:, None])
-            for c, row in zip(candidates, rows):
-                trial = q_logits.clone()
-                trial[:, e] = x_q @ row
-                score = objective(fp_logits, trial, m).item()
-                if score < best:
-                    best, q_logits, ratios[e] = score, trial, c
-                    w_q[e] = row
+            trials = q_logits.expand(grid, -1, -1).clone()
+            trials[:, :, e] = (x_q @ rows.T).T
+            scores = objective(fp_logits, trials, m)
+            j = int(scores.argmin())  # the first best candidate, as a scan in order would keep
+            if scores[j].item() < best:
+                best, q_logits, ratios[e], w_q[e] = scores[j].item(), trials[j], candidates[j], rows[j]
     aligned = routing_metrics(fp_logits, q_logits, top_k)
     aligned["objective"] = best
     return w_q.to(weight.dtype), ratios.squeeze(1), {"default": default, "aligned": aligned, "kl_experts": m}
