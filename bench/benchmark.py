@@ -1,6 +1,6 @@
 """Speed and memory of the pipeline as ratios that transfer across machines.
 
-    python bench/benchmark.py --model demo-mixtral --nsamples 32 --seqlen 512
+    python bench/benchmark.py --model demo-mixtral --nsamples 32 --seqlen 512 --rotation_tokens 512
 
 - quantization wall time / one FP forward pass over the same calibration set (target <= 5x),
 - fake-quant evaluation throughput / FP throughput (target >= 0.5x),
@@ -46,7 +46,7 @@ def phase(args) -> dict:
     out["fp_eval_tok_s"] = evalset.numel() / (time.time() - t)
     if args.phase == "quantize":
         t = time.time()
-        quantize_model(model, spec, calib, QuantConfig(4, 4), DuQuantConfig(), seed=0)
+        quantize_model(model, spec, calib, QuantConfig(4, 4), DuQuantConfig(rotation_tokens=args.rotation_tokens), seed=0)
         out["quantize_s"] = time.time() - t
         t = time.time()
         perplexity(model, spec, evalset, desc="W4A4 eval")
@@ -61,13 +61,15 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval_windows", type=int, default=40)
+    p.add_argument("--rotation_tokens", type=int, default=2048, help="rows per site for the rotation search")
     p.add_argument("--phase", choices=["quantize"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.phase:
         print(json.dumps(phase(args)))
         return
     cmd = [sys.executable, __file__, "--model", args.model, "--nsamples", str(args.nsamples),
-           "--seqlen", str(args.seqlen), "--eval_windows", str(args.eval_windows), "--phase", "quantize"]
+           "--seqlen", str(args.seqlen), "--eval_windows", str(args.eval_windows),
+           "--rotation_tokens", str(args.rotation_tokens), "--phase", "quantize"]
     r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     ratios = {
         "quantization / FP pass": r["quantize_s"] / r["fp_pass_s"],
