@@ -324,16 +324,17 @@ def run(args) -> dict:
                   f"tokens -> {b['starved_after']} after adding {b['added_sequences']} sequences"
                   + ("" if b["stop"] == "passed" else f" ({b['stop']})"))
         timings["calibration_data"] = time.time() - t
+        profile_layer = plot_layer(args, model) if args.plots else None
         report = quantize_model(model, spec, calib, quant, duq, extensions(ea, mq), device=device, seed=args.seed,
                                 route_all=args.route_all_tokens, expert_extra_ids=extra, gptq=gptq,
-                                profile_layer=plot_layer(args, model) if args.plots else None)
+                                profile_layer=profile_layer)
         timings["quantize"] = report.timings.pop("total")
         timings.update({f"quantize_{k}": v for k, v in report.timings.items()})
         result["layers"] = report.layers
         result["router"], result["experts"] = summarize(report.layers, getattr(model.config, spec.top_k_attr, None))
         profiles = [r.pop("channel_absmax") for r in report.layers if "channel_absmax" in r]
         if profiles:
-            result["channel_absmax"] = {"layer": plot_layer(args, model), "sites": profiles[0]}
+            result["channel_absmax"] = {"layer": profile_layer, "sites": profiles[0]}
         result["expert_tokens"] = {str(r["layer"]): r["expert_tokens"] for r in report.layers if "expert_tokens" in r}
     result["ppl"], result["tasks"], times = evaluate(model, spec, tokenizer, segments, args, device, args.method)
     timings.update(times)

@@ -29,7 +29,7 @@ from . import kvquant
 from .config import DuQuantConfig, GPTQConfig, QuantConfig
 from .gptq import Hessian, gptq_quantize, output_cosine
 from .layerwise import capture_layer_inputs, run_layer
-from .qlinear import QLinear
+from .qlinear import QLinear, unwrap
 from .quantizer import ActQuantizer, WeightQuantizer
 from .stats import LayerStats, collect
 from .transforms import Compose, fit_rotations, fit_smooth
@@ -308,10 +308,6 @@ KEEP_FP = WeightQuantizer(16)  # a deferred QLinear holds its transformed FP wei
 GPTQ_BATCH_BYTES = 2**32  # cap on the float32 Hessians stacked into one batched GPTQ call
 
 
-def _inner(m: nn.Module) -> nn.Module:
-    return m.inner if isinstance(m, QLinear) else m
-
-
 def gptq_groups(view: LayerView, deferred: list) -> list[list]:
     """Deferred (QLinear, quantizer) pairs grouped by shared input, so each input's Hessian is built
     once: q/k/v; each MLP's gate/up; router + shared-expert gate; o_proj and every down_proj alone."""
@@ -321,7 +317,7 @@ def gptq_groups(view: LayerView, deferred: list) -> list[list]:
         sites += [mlp.in_projs, [mlp.down_proj]]
     if view.is_moe:
         sites.append([view.router] + ([view.shared_gate] if view.shared_gate is not None else []))
-    groups = [[by_inner[_inner(m)] for m in site if _inner(m) in by_inner] for site in sites]
+    groups = [[by_inner[unwrap(m)] for m in site if unwrap(m) in by_inner] for site in sites]
     groups = [g for g in groups if g]
     if sum(map(len, groups)) != len(deferred):
         raise RuntimeError("a GPTQ-deferred linear belongs to no input group")
@@ -372,7 +368,7 @@ def gptq_layer(layer: nn.Module, view: LayerView, deferred: list, cfg: GPTQConfi
     if not deferred:  # nothing below 16 bits in this layer
         return {"fallback": [], "loss": 0.0, "seconds": 0.0}
     groups = [GroupHessians(g, None) for g in gptq_groups(view, deferred)]
-    routed = {_inner(p) for e in view.experts for p in (e.gate_proj, e.up_proj, e.down_proj)}
+    routed = {unwrap(p) for e in view.experts for p in (e.gate_proj, e.up_proj, e.down_proj)}
     weighting = ext.hessian_weights(view) if ext.hessian_weights is not None and view.is_moe else nullcontext()
     with weighting as token_weights:
         handles = []
@@ -404,7 +400,7 @@ def gptq_layer(layer: nn.Module, view: LayerView, deferred: list, cfg: GPTQConfi
     if info["fallback"]:
         log.warning("layer %d: GPTQ fell back to round-to-nearest for %d matrices with fewer than %d calibration "
                     "rows: %s", view.index, len(info["fallback"]), cfg.min_tokens, ", ".join(info["fallback"]))
-    gate_ins = {_inner(e.gate_proj) for e in view.experts}
+    gate_ins = {unwrap(e.gate_proj) for e in view.experts}
     cos: dict[str, list[float]] = {"router": [], "expert_gate_proj": []}
     for (shape, *_), items in jobs.items():
         per_batch = max(1, GPTQ_BATCH_BYTES // (4 * shape[-1] ** 2))

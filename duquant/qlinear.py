@@ -34,3 +34,8 @@ class QLinear(nn.Module):
         if self.transform is not None:
             x = self.transform.act(x)
         return self.inner(self.act_quant(x), *args, **kwargs)
+
+
+def unwrap(m: nn.Module) -> nn.Module:
+    """The plain linear of a module that may already be wrapped in a QLinear."""
+    return m.inner if isinstance(m, QLinear) else m

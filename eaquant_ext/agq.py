@@ -21,15 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from duquant.qlinear import QLinear
+from duquant.qlinear import unwrap
 from models.spec import LayerView
 
 KINDS = ("gate", "up", "down")
 EXPERTS_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
-
-
-def _inner(m: nn.Module) -> nn.Module:
-    return m.inner if isinstance(m, QLinear) else m
 
 
 def gate_approximation(g: torch.Tensor, c: float | torch.Tensor, act=F.silu) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +70,7 @@ class AffinityWeighting:
         for e, mlp in enumerate(view.experts):
             self.act[e] = getattr(mlp.module, "act_fn", F.silu)
             for kind, name in zip(KINDS, mlp.names):
-                self.where[_inner(getattr(mlp.module, name))] = (e, kind)
+                self.where[unwrap(getattr(mlp.module, name))] = (e, kind)
         self.current: dict[int, torch.Tensor] = {}
         self.offset: dict[tuple, int] = {}
         self.cos = {c: _Cosine() for c in c_values}
