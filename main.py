@@ -3,6 +3,8 @@
     python main.py                                   # the demo: bundled Mixtral-style model, W4A4
     python main.py --model demo-mixtral --method duquant --wbits 3 --abits 4
     python main.py --model mistralai/Mixtral-8x7B-v0.1 --device cuda --eval_ppl wikitext2,c4
+    python main.py --model demo-mixtral --method eaquant --save_dir q/mixtral-w4a4   # packed integers
+    python main.py --load q/mixtral-w4a4 --eval_ppl wikitext2                          # no recalibration
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import os
 import platform
 import random
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -26,6 +29,7 @@ from duquant.config import ConfigError, DuQuantConfig, GPTQConfig, QuantConfig
 from duquant.data import CALIB_DATASETS, PPL_DATASETS, DataError, calibration_segments, ppl_segments
 from duquant.diagnostics import plot_run, summarize
 from duquant.evaluate import perplexity
+from duquant.packed import QUANT_CONFIG, QuantizedLoadError, load_quantized, save_quantized
 from duquant.pipeline import Extensions, quantize_model
 from duquant.zeroshot import TASKS, check_tasks, evaluate_tasks
 from eaquant_ext.agq import affinity_weights
@@ -54,6 +58,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: float32 on CPU, bfloat16 on GPU")
     g.add_argument("--seed", type=int, default=2, help="calibration sampling and transform fitting (DuQuant's default 2)")
     g.add_argument("--output_dir", type=Path, default=None, help="default results/<model>-<method>-w<W>a<A>")
+    g.add_argument("--save_dir", type=Path, default=None,
+                   help="also write the quantized model there: packed integer weights, grids, transforms")
+    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue a killed run from the layer checkpoints in <output_dir>/partial "
+                        "(--no-resume discards them and starts over)")
+    g.add_argument("--load", type=Path, default=None,
+                   help="evaluate a model saved with --save_dir instead of quantizing (no recalibration)")
     g = p.add_argument_group("data")
     g.add_argument("--calib_dataset", choices=(*CALIB_DATASETS, "ebss"), default="c4",
                    help="c4 train (WikiText-2 train is not bundled), gutenberg, or ebss (MoEQuant's self-sampled set; MoE only)")
@@ -117,7 +128,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--ebss_tau", type=float, default=1.2, help="EBSS: score = NLL + balance std / tau")
     g.add_argument("--ebss_width", type=int, default=4, help="EBSS: candidate sequences kept per step")
     g.add_argument("--ebss_cache_dir", default=None, help="EBSS cache folder (default results/ebss_cache)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    return args
 
 
 def build_eaquant(args) -> EAQuantConfig:
@@ -257,9 +270,58 @@ def peak_memory_mb(device: torch.device) -> dict:
     return out
 
 
+def device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    return device, DTYPES.get(args.dtype) or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+
+
+SAVED_BITS = ("wbits", "abits", "kv_bits", "router_wbits", "router_abits")
+
+
+def run_loaded(args) -> dict:
+    """Evaluate a saved quantized model: its own config decides the method and bits."""
+    device, _ = device_and_dtype(args)
+    t = time.time()
+    model, tokenizer, saved = load_quantized(args.load)
+    timings = {"load": time.time() - t}
+    cfg = saved["run"]
+    for key in SAVED_BITS:
+        if f"--{key}" in args.given and getattr(args, key) != cfg["quant"][key]:
+            raise ConfigError(f"--{key} {getattr(args, key)} does not match the saved model's {cfg['quant'][key]} "
+                              f"({args.load}); drop the flag, or quantize again")
+    if tokenizer is None:
+        raise ConfigError(f"{args.load} holds no tokenizer; save it again with main.py --save_dir")
+    spec = get_spec(model)
+    out_dir = args.output_dir or Path("results") / f"{args.load.name}-loaded"
+    print(f"loaded {args.load} ({cfg['method']} w{cfg['quant']['wbits']}a{cfg['quant']['abits']}) in {timings['load']:.1f} s; "
+          f"eval {args.eval_ppl or 'none'} (windows {args.ppl_samples or 'all'}), device {device}")
+    segments = {name: ppl_segments(name, tokenizer, args.seqlen, args.ppl_samples) for name in args.eval_ppl_list}
+    result = {"model": cfg["model"], "method": cfg["method"], "seed": cfg["run"]["seed"], "loaded_from": str(args.load),
+              "config": cfg, "eval": {k: args_value(v) for k, v in vars(args).items()},
+              "ppl_fp": {}, "tasks_fp": {}, "timings": timings}
+    result["ppl"], result["tasks"], times = evaluate(model, spec, tokenizer, segments, args, device, cfg["method"])
+    timings.update(times)
+    result["peak_memory_mb"] = peak_memory_mb(device)
+    result["versions"] = versions()
+    write_json_atomic(out_dir / "results.json", result)
+    print_summary(result, out_dir)
+    return result
+
+
+def args_value(v):
+    return str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v
+
+
 def run(args) -> dict:
     args.eval_ppl_list = [s for s in args.eval_ppl.split(",") if s]
     args.tasks_list = [s.strip() for s in args.tasks.split(",") if s.strip()]
+    if args.load is not None:
+        args.tasks_list = check_tasks(args.tasks_list)
+        return run_loaded(args)
+    if args.save_dir is not None and args.save_dir.exists() and not (args.save_dir / QUANT_CONFIG).exists():
+        raise ConfigError(f"--save_dir {args.save_dir} exists and is not a saved quantized model; choose a new directory")
     quant, duq = build_configs(args)
     ea = build_eaquant(args)
     if ea.any and args.method in ("fp", "rtn"):
@@ -268,10 +330,9 @@ def run(args) -> dict:
     if args.method == "fp" and (gptq is not None or mq.any):
         raise ConfigError("GPTQ and MoEQuant options quantize; use --method rtn, duquant or eaquant, not fp")
     method = method_name(args, ea, mq, gptq)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
-    dtype = DTYPES.get(args.dtype) or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    if args.method == "fp" and args.save_dir is not None:
+        raise ConfigError("--save_dir writes a quantized model; --method fp has none (the checkpoint is the FP model)")
+    device, dtype = device_and_dtype(args)
     seed_everything(args.seed)
     timings: dict[str, float] = {}
     t = time.time()
@@ -296,7 +357,7 @@ def run(args) -> dict:
 
     segments = {name: ppl_segments(name, tokenizer, args.seqlen, args.ppl_samples) for name in args.eval_ppl_list}
     result = {"model": args.model, "method": method, "seed": args.seed,
-              "config": {"run": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "config": {"run": {k: args_value(v) for k, v in vars(args).items()},
                          "quant": asdict(quant), "duquant": asdict(duq), "eaquant": asdict(ea),
                          "gptq": asdict(gptq) if gptq is not None else None, "moequant": asdict(mq)},
               "ppl": {}, "ppl_fp": {}, "tasks": {}, "tasks_fp": {}, "timings": timings}
@@ -325,9 +386,13 @@ def run(args) -> dict:
                   + ("" if b["stop"] == "passed" else f" ({b['stop']})"))
         timings["calibration_data"] = time.time() - t
         profile_layer = plot_layer(args, model) if args.plots else None
+        partial = checkpoint_dir(out_dir, result["config"], args.resume)
         report = quantize_model(model, spec, calib, quant, duq, extensions(ea, mq), device=device, seed=args.seed,
                                 route_all=args.route_all_tokens, expert_extra_ids=extra, gptq=gptq,
-                                profile_layer=profile_layer)
+                                profile_layer=profile_layer, checkpoint_dir=partial)
+        if report.resumed_from:
+            print(f"resumed: layers 0..{report.resumed_from - 1} restored from {partial}")
+            result["resumed_from_layer"] = report.resumed_from
         timings["quantize"] = report.timings.pop("total")
         timings.update({f"quantize_{k}": v for k, v in report.timings.items()})
         result["layers"] = report.layers
@@ -336,6 +401,14 @@ def run(args) -> dict:
         if profiles:
             result["channel_absmax"] = {"layer": profile_layer, "sites": profiles[0]}
         result["expert_tokens"] = {str(r["layer"]): r["expert_tokens"] for r in report.layers if "expert_tokens" in r}
+        if args.save_dir is not None:
+            t = time.time()
+            saved = save_quantized(model, tokenizer, args.save_dir,
+                                   {"model": args.model, "method": method, **result["config"]})
+            timings["save"] = time.time() - t
+            result["saved"] = {"dir": str(args.save_dir), **saved}
+            print(f"saved {args.save_dir}: quantized linears {saved['quantized_linears_bytes'] / 2**20:.1f} MiB = "
+                  f"{saved['ratio']:.3f}x their bf16 size; directory {saved['total_bytes'] / 2**20:.1f} MiB")
     result["ppl"], result["tasks"], times = evaluate(model, spec, tokenizer, segments, args, device, args.method)
     timings.update(times)
     result["peak_memory_mb"] = peak_memory_mb(device)
@@ -344,8 +417,30 @@ def run(args) -> dict:
     if args.plots:
         for path in plot_run(result, out_dir):
             print(f"plot: {path}")
+    if args.method != "fp":
+        shutil.rmtree(out_dir / "partial", ignore_errors=True)
     print_summary(result, out_dir)
     return result
+
+
+# Run options that change the quantized model; a partial run resumes only if they are all the same.
+EVAL_ONLY = {"output_dir", "save_dir", "load", "resume", "eval_ppl", "eval_ppl_list", "ppl_samples", "eval_batch_size",
+             "compare_fp", "tasks", "tasks_list", "limit", "plots", "plot_layer", "device", "given"}
+
+
+def checkpoint_dir(out_dir: Path, config: dict, resume: bool) -> Path:
+    """<out_dir>/partial, after checking that a partial run found there is this run's."""
+    partial = out_dir / "partial"
+    fingerprint = {**config, "run": {k: v for k, v in config["run"].items() if k not in EVAL_ONLY}}
+    saved = partial / "run.json"
+    if partial.exists() and not resume:
+        shutil.rmtree(partial)
+    if saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(fingerprint)):
+        raise ConfigError(f"{out_dir} holds a partial run of another configuration; pass --no-resume to discard it, "
+                          "or choose another --output_dir")
+    partial.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(saved, fingerprint)
+    return partial
 
 
 def print_summary(result: dict, out_dir: Path) -> None:
@@ -384,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (ConfigError, ModelLoadError, DataError) as e:
+    except (ConfigError, ModelLoadError, DataError, QuantizedLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -65,8 +65,11 @@ def measure(path: str, seqlen: int, calib_samples: int) -> dict:
 
 
 def training_time(meta: dict) -> str:
-    """Wall time on the project's shared 2-core CPU; steps before a warm start may lack a record."""
-    text = f"{meta.get('train_seconds', 0) / 60:.0f} min wall time on 2 shared CPU cores"
+    """Wall time and where it was spent (models trained before `hardware` was recorded ran on the
+    project's shared 2-core CPU); steps before a warm start may lack a record."""
+    args = meta.get("args", {})
+    text = (f"{meta.get('train_seconds', 0) / 60:.0f} min wall time on {meta.get('hardware', '2 shared CPU cores')}, "
+            f"batch {args.get('batch', 8)} x {args.get('seqlen', 512)} tokens")
     lost = [h["step"] for h in meta.get("history", []) if "warm_start" in h and h.get("prior_train_seconds") is None]
     if lost:
         text += f" (plus the first {lost[0]} steps, whose time was not recorded)"
@@ -115,8 +118,14 @@ def main() -> None:
     p.add_argument("path")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--calib_samples", type=int, default=32)
+    p.add_argument("--render_only", action="store_true",
+                   help="rewrite README.md from the saved card.json and the current training.json (no measuring)")
     args = p.parse_args()
-    m = measure(args.path, args.seqlen, args.calib_samples)
+    if args.render_only:
+        m = json.loads((Path(args.path) / "card.json").read_text())
+        m["training"] = json.loads((Path(args.path) / "training.json").read_text())
+    else:
+        m = measure(args.path, args.seqlen, args.calib_samples)
     (Path(args.path) / "README.md").write_text(card(Path(args.path).name, m))
     (Path(args.path) / "card.json").write_text(json.dumps(m, indent=2))
     print(card(Path(args.path).name, m))

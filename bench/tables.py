@@ -1,17 +1,66 @@
-"""Collect run_experiments.sh results into markdown tables (mean ± std over seeds, diff to DuQuant).
+"""Collect run_experiments.sh results into one markdown table per paper table (EAQuant 1-7, MoEQuant R1-R5).
 
-    python bench/tables.py results/experiments
+    python bench/tables.py results/experiments [--minutes M]
+
+Run directories are named KEY-wWaA-sSEED (fp and rtn have no seed); rows average a KEY over its
+seeds (mean ± std when there are several). Every row carries its difference to the reference row
+of its table, pure DuQuant at the same bits unless the table says otherwise. Accuracy is lm-eval's
+`acc` per task; Avg is their mean in percent, as the papers print it.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import statistics
-import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
-ROWS = [("rtn", "RTN"), ("duquant", "DuQuant"), ("sa", "+ smooth_aggregate (maximum)"),
-        ("ra", "+ router_align"), ("cb", "+ calib_balance"), ("eaquant", "EAQuant (all three)")]
+
+@dataclass
+class Table:
+    title: str
+    rows: list[tuple[str, str]]  # (label, run key without the seed)
+    base: str  # the run key every Δ is taken against
+    note: str = ""
+
+
+def _main_rows(bits: str) -> list[tuple[str, str]]:
+    return [("FP", "fp"), ("RTN", f"rtn-{bits}"), ("DuQuant", f"duquant-{bits}"), ("EAQuant", f"eaquant-{bits}")]
+
+
+def _components(bits: str) -> list[tuple[str, str]]:
+    return [("none (DuQuant)", f"duquant-{bits}"), ("smooth_aggregate", f"sa-{bits}"), ("router_align", f"ra-{bits}"),
+            ("calib_balance", f"cb-{bits}"), ("all three (EAQuant)", f"eaquant-{bits}")]
+
+
+TABLES = [
+    Table("Table 1: W4A4, router W8A8", _main_rows("w4a4"), "duquant-w4a4"),
+    Table("Table 2: W3A4, router W8A8", _main_rows("w3a4"), "duquant-w3a4"),
+    Table("Table 3: W3A4 component ablation", _components("w3a4"), "duquant-w3a4"),
+    Table("Table 3 at W4A4 (not in the paper)", _components("w4a4"), "duquant-w4a4"),
+    Table("Table 4: W4A4 smoothing aggregation rule",
+          [("DuQuant", "duquant-w4a4"), ("maximum", "sa-w4a4"), ("expert_frequency", "saf-w4a4"),
+           ("router_logits", "sal-w4a4")], "duquant-w4a4"),
+    Table("Table 5: router precision x router_align (weights W3A4 unless named)",
+          [("router W3A4", "r3-w3a4"), ("router W3A4 + align", "r3ra-w3a4"),
+           ("router W4A4", "r4-w3a4"), ("router W4A4 + align", "r4ra-w3a4"),
+           ("router W8A8", "duquant-w3a4"), ("router W8A8 + align", "ra-w3a4"),
+           ("W4A4, router W8A8", "duquant-w4a4"), ("W4A4, router W8A8 + align", "ra-w4a4")], "duquant-w3a4"),
+    Table("Table 6: W4A4 KL span of router_align (kl_top R)",
+          [("DuQuant", "duquant-w4a4"), ("R = 0 (top-k)", "ra-w4a4"), ("R = 25", "kl25-w4a4"),
+           ("R = 50", "kl50-w4a4"), ("R = 75", "kl75-w4a4"), ("R = 100", "kl100-w4a4")], "duquant-w4a4"),
+    Table("Table 7: W4A4 calib_balance ratio r",
+          [("r = 0 (DuQuant)", "duquant-w4a4"), ("r = 1", "cb1-w4a4"), ("r = 2", "cb-w4a4"),
+           ("r = 4", "cb4-w4a4"), ("r = 8", "cb8-w4a4")], "duquant-w4a4"),
+    Table("R1/R5: W4A16 weight-only, calibration set and AGQ",
+          [("RTN", "rtn-w4a16"), ("GPTQ (c4)", "gptq-w4a16"), ("GPTQ + AGQ (c4)", "agq-c4-w4a16"),
+           ("GPTQ + AGQ (gutenberg)", "agq-gutenberg-w4a16"), ("MoEQuant: EBSS + AGQ, gate AGQ off (R5)", "moequant-nogate-w4a16"),
+           ("MoEQuant: EBSS + AGQ", "moequant-w4a16")], "gptq-w4a16",
+          "MoEQuant is weight-only, so its rows are diffed against plain GPTQ W4A16 on the same run, not DuQuant."),
+]
+SEEDED = re.compile(r"^(?P<key>.+)-s(?P<seed>\d+)$")
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -23,49 +72,115 @@ def fmt(values: list[float], digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
 
 
+def accuracies(res: dict) -> dict[str, float]:
+    tasks = res.get("tasks") or res.get("tasks_fp") or {}
+    return {t: 100 * m["acc,none"] for t, m in sorted(tasks.items()) if "acc,none" in m}
+
+
+def avg_acc(res: dict) -> float | None:
+    acc = accuracies(res)
+    return statistics.fmean(acc.values()) if acc else None
+
+
 def agreement(res: dict) -> float | None:
-    vals = [layer["topk_agreement"] for layer in res.get("layers", []) if "topk_agreement" in layer]
-    return statistics.fmean(vals) if vals else None
+    return (res.get("router") or {}).get("mean_topk_agreement")
 
 
-def model_table(model_dir: Path) -> str:
-    runs: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    fp = None
+def load_runs(model_dir: Path) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = defaultdict(list)
     for f in sorted(model_dir.glob("*/results.json")):
+        m = SEEDED.match(f.parent.name)
         res = json.loads(f.read_text())
-        name = f.parent.name
-        if name == "fp":
-            fp = res
-            continue
-        method, bits = name.split("-")[0], name.split("-")[1]
-        runs[(bits, method)].append(res)
-    sets = list(fp["ppl"]) if fp else ["wikitext2", "c4", "gutenberg"]
+        if f.parent.name == "fp":
+            res = {**res, "ppl": res.get("ppl") or res.get("ppl_fp")}
+        runs[m["key"] if m else f.parent.name].append(res)
+    return runs
+
+
+def ppl_table(table: Table, runs: dict[str, list[dict]]) -> list[str]:
+    present = [(label, runs[key]) for label, key in table.rows if key in runs]
+    if not present:
+        return []
+    sets = sorted({s for _, rs in present for s in rs[0]["ppl"]}, key=["wikitext2", "c4", "gutenberg"].index)
+    tasks = sorted({t for _, rs in present for t in accuracies(rs[0])})
+    base = runs.get(table.base)
+    cols = sets + tasks + (["Avg"] if tasks else [])
+    head = ["method", "seeds"] + cols + ["top-k agreement", "Δ vs " + ("reference" if table.base.split("-")[0] != "duquant" else "DuQuant")
+                                         + " (" + " / ".join(sets + (["Avg"] if tasks else [])) + ")", "quantize s"]
+    out = [f"#### {table.title}", ""] + ([table.note, ""] if table.note else [])
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, rs in present:
+        cells = [label, str(len(rs))]
+        cells += [fmt([r["ppl"][s] for r in rs]) for s in sets]
+        cells += [fmt([accuracies(r).get(t, float("nan")) for r in rs], 1) for t in tasks]
+        avgs = [a for a in map(avg_acc, rs) if a is not None]
+        if tasks:
+            cells.append(fmt(avgs, 1) if avgs else "-")
+        agr = [a for a in map(agreement, rs) if a is not None]
+        cells.append(fmt(agr, 3) if agr else "-")
+        delta = ""
+        if base and rs is not base:
+            diffs = [f"{mean_std([r['ppl'][s] for r in rs])[0] - mean_std([r['ppl'][s] for r in base])[0]:+.2f}" for s in sets]
+            base_avgs = [a for a in map(avg_acc, base) if a is not None]
+            if tasks and avgs and base_avgs:
+                diffs.append(f"{mean_std(avgs)[0] - mean_std(base_avgs)[0]:+.1f}")
+            delta = " / ".join(diffs)
+        cells.append(delta)
+        times = [r["timings"]["quantize"] for r in rs if "quantize" in r.get("timings", {})]
+        cells.append(fmt(times, 0) if times else "-")
+        out.append("| " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def ebss_tables(model_dir: Path) -> list[str]:
+    """R1-R3 from bench/ebss_balance.py: balance std and likelihood of each calibration set."""
+    path = model_dir / "ebss_balance.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    out = [f"#### R1-R3: calibration sets, expert-balance std (lower = more balanced) and perplexity under the FP model",
+           "", f"{data['nsamples']} x {data['seqlen']} tokens per set, seed {data['seed']}. R2 varies tau, R3 the width w.", "",
+           "| calibration set | expert-balance std | set perplexity |", "|---|---|---|"]
+    out += [f"| {r['set']} | {r['balance_std']:.4f} | {r['ppl']:.2f} |" for r in data["rows"]]
+    return out + [""]
+
+
+def agq_cosine_table(runs: dict[str, list[dict]]) -> list[str]:
+    """R4: cosine of the gate-layer approximation at constant affinity c, mean over MoE layers."""
+    rs = runs.get("moequant-w4a16")
+    if not rs:
+        return []
+    per_c: dict[str, list[float]] = defaultdict(list)
+    for r in rs:
+        for layer in r.get("layers", []):
+            for c, cos in ((layer.get("gptq") or {}).get("agq") or {}).get("gate_approx_cos", {}).items():
+                per_c[c].append(cos)
+    if not per_c:
+        return []
+    cs = sorted(per_c, key=float)
+    return ["#### R4: gate-layer approximation, cosine similarity to the exact gate output vs c", "",
+            "| c | " + " | ".join(cs) + " |", "|" + "---|" * (len(cs) + 1),
+            "| cosine | " + " | ".join(f"{statistics.fmean(per_c[c]):.4f}" for c in cs) + " |", ""]
+
+
+def model_section(model_dir: Path) -> str:
+    runs = load_runs(model_dir)
     out = [f"### {model_dir.name}", ""]
-    header = "| bits | method | seeds | " + " | ".join(sets) + " | top-k agreement | Δ vs DuQuant (" + " / ".join(sets) + ") | quantization s |"
-    out += [header, "|" + "---|" * (header.count("|") - 1)]
-    if fp:
-        out.append("| 16/16 | FP | - | " + " | ".join(f"{fp['ppl'][s]:.2f}" for s in sets) + " | 1.000 | | |")
-    for bits in sorted({b for b, _ in runs}, reverse=True):
-        base = runs.get((bits, "duquant"), [])
-        base_mean = {s: mean_std([r["ppl"][s] for r in base])[0] for s in sets} if base else None
-        for key, label in ROWS:
-            rs = runs.get((bits, key))
-            if not rs:
-                continue
-            ppl = [fmt([r["ppl"][s] for r in rs]) for s in sets]
-            agr = [a for a in map(agreement, rs) if a is not None]
-            delta = ""
-            if base_mean is not None and key != "duquant":
-                delta = " / ".join(f"{mean_std([r['ppl'][s] for r in rs])[0] - base_mean[s]:+.2f}" for s in sets)
-            out.append(f"| {bits.upper()} | {label} | {len(rs)} | " + " | ".join(ppl)
-                       + f" | {fmt(agr, 3) if agr else '-'} | {delta} | {fmt([r['timings']['quantize'] for r in rs], 0)} |")
-    return "\n".join(out) + "\n"
+    for table in TABLES:
+        out += ppl_table(table, runs)
+    out += ebss_tables(model_dir) + agq_cosine_table(runs)
+    return "\n".join(out)
 
 
-def main() -> None:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "results/experiments")
-    models = sorted(p for p in root.iterdir() if p.is_dir())
-    print("\n".join(model_table(m) for m in models))
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("root", type=Path, nargs="?", default=Path("results/experiments"))
+    p.add_argument("--minutes", type=int, default=None, help="sweep wall time to print in the header")
+    args = p.parse_args(argv)
+    models = sorted(d for d in args.root.iterdir() if d.is_dir())
+    head = ["# Results", "", f"From `{args.root}`" + (f", sweep time {args.minutes} min" if args.minutes is not None else "")
+            + ". Perplexity: lower is better; accuracy (%): higher is better; Δ: this row minus the reference row.", ""]
+    print("\n".join(head + [model_section(m) for m in models]))
 
 
 if __name__ == "__main__":

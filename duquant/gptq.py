@@ -21,9 +21,22 @@ H = I it returns exactly the quantizer's round-to-nearest result.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .quantizer import WeightQuantizer, dequantize, quantize
+
+
+class GPTQResult(NamedTuple):
+    """Quantized weights [B, out, in] with their grid: scale/zero [B, out, G] in the working dtype
+    and, with groups, g_idx [B, in] (the group of every input column, act_order included)."""
+
+    weight: torch.Tensor
+    loss: torch.Tensor
+    scale: torch.Tensor | None
+    zero: torch.Tensor | None
+    g_idx: torch.Tensor | None
 
 
 class Hessian:
@@ -86,16 +99,17 @@ def _fake_quant_col(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, q:
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, quantizer: WeightQuantizer, blocksize: int = 128,
                   percdamp: float = 0.01, act_order: bool = False, group_size: int | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  ) -> GPTQResult:
     """Quantize `weight` [out, in] (or [B, out, in]) against `hessian` [in, in] (or [B, in, in]).
 
-    Returns the fake-quantized weight (same shape and dtype) and the GPTQ loss per matrix
-    (sum over rows of (w - q)^2 / [H^-1]_jj / 2, the objective's estimate of the output error).
+    Returns the fake-quantized weight (same shape and dtype), the GPTQ loss per matrix (sum over
+    rows of (w - q)^2 / [H^-1]_jj / 2, the objective's estimate of the output error) and the grid.
+    Without a batch dimension the grid has none either.
     `group_size` gives every `group_size` consecutive columns (in quantization order) their own
     scale and zero point, computed from the already-updated weights when the group starts.
     """
     if quantizer.bits >= 16:
-        return weight, torch.zeros(weight.shape[:-2] or (1,))
+        return GPTQResult(weight, torch.zeros(weight.shape[:-2] or (1,)), None, None, None)
     single = weight.dim() == 2
     if single:
         weight, hessian = weight[None], hessian[None]
@@ -117,8 +131,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, quantizer: Weight
 
     U = _inverse_cholesky(H, percdamp)
     scale = zero = None
+    scales, zeros = [], []
     if group_size is None:
         scale, zero = quantizer.params(W)
+        scales, zeros = [scale], [zero]
     Q = torch.zeros_like(W)
     losses = torch.zeros(n_mat, dtype=work, device=W.device)
     for i1 in range(0, cols, blocksize):
@@ -129,6 +145,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, quantizer: Weight
         for i in range(i2 - i1):
             if group_size is not None and (i1 + i) % group_size == 0:
                 scale, zero = quantizer.params(_group(W, W1, E1, U, i1, i2, i, group_size))
+                scales.append(scale)
+                zeros.append(zero)
             w = W1[..., i]
             d = U1[:, i, i][:, None]
             q = _fake_quant_col(w, scale, zero, quantizer)
@@ -138,10 +156,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, quantizer: Weight
             W1[..., i:] -= err[..., None] * U1[:, i, i:][:, None, :]
             E1[..., i] = err
         W[..., i2:] -= E1 @ U[:, i1:i2, i2:]
+    g_idx = None
+    if group_size is not None:
+        position = torch.arange(cols, device=W.device).expand(n_mat, cols)
+        g_idx = (position if perm is None else torch.argsort(perm, dim=-1)) // group_size
     if perm is not None:
         Q = _batched(Q, torch.argsort(perm, dim=-1), 2)
-    Q = Q.to(weight.dtype)
-    return (Q[0], losses) if single else (Q, losses)
+    res = GPTQResult(Q.to(weight.dtype), losses, torch.cat(scales, -1), torch.cat(zeros, -1), g_idx)
+    if single:
+        return GPTQResult(res.weight[0], losses, res.scale[0], res.zero[0], None if g_idx is None else g_idx[0])
+    return res
 
 
 def _group(W, W1, E1, U, i1, i2, i, group_size):

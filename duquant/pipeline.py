@@ -16,6 +16,7 @@ import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -25,12 +26,12 @@ from tqdm import tqdm
 from models.experts import route_all_tokens, unfuse_experts
 from models.spec import LayerView, MLPView, ModelSpec, decoder_layers, resolve
 
-from . import kvquant
+from . import kvquant, resume
 from .config import DuQuantConfig, GPTQConfig, QuantConfig
 from .gptq import Hessian, gptq_quantize, output_cosine
 from .layerwise import capture_layer_inputs, run_layer
 from .qlinear import QLinear, unwrap
-from .quantizer import ActQuantizer, WeightQuantizer
+from .quantizer import ActQuantizer, QuantizedWeight, WeightQuantizer
 from .stats import LayerStats, collect
 from .transforms import Compose, fit_rotations, fit_smooth
 
@@ -42,7 +43,7 @@ class Extensions:
     """Replaceable steps. Each receives the layer view and its statistics.
 
     moe_smoothing(view, stats, alpha) -> s [C]: the one smoothing vector of the MoE input.
-    quantize_router(view, weight_t, x_t, quant) -> (fake-quantized router weight, info dict), given
+    quantize_router(view, weight_t, x_t, quant) -> (QuantizedWeight of the router, info dict), given
         the transformed FP router weight and a sample of transformed router inputs.
     hessian_weights(view) -> context manager yielding an object with `weights(module, rows)` (a
         weight per input row of `module`, or None for unweighted) and `report()` (dict): per-token
@@ -58,6 +59,7 @@ class Extensions:
 class Report:
     layers: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    resumed_from: int = 0  # layers restored from a checkpoint rather than quantized in this process
 
 
 def weight_absmax(linears: list[nn.Module]) -> torch.Tensor:
@@ -136,14 +138,15 @@ class LayerQuantizer:
             parts.append(rot)
         return Compose(parts) if parts else None
 
-    def wrap(self, parent: nn.Module, name: str, transform, bits: int | None = None, w_quant=None, weight=None):
+    def wrap(self, parent: nn.Module, name: str, transform, bits: int | None = None, w_quant=None,
+             quantized: QuantizedWeight | None = None):
         inner = getattr(parent, name)
         w_quant = w_quant or self.w_quant
-        if self.deferred is not None and weight is None and w_quant.bits < 16:
+        if self.deferred is not None and quantized is None and w_quant.bits < 16:
             qlinear = QLinear(inner, transform, self.act_quant(bits), KEEP_FP)
             self.deferred.append((qlinear, w_quant))
         else:
-            qlinear = QLinear(inner, transform, self.act_quant(bits), w_quant, weight)
+            qlinear = QLinear(inner, transform, self.act_quant(bits), w_quant, quantized)
         setattr(parent, name, qlinear)
 
     def norm_site(self, norm: nn.Module, readers: list[nn.Module], x_stats) -> tuple[nn.Module | None, torch.Tensor]:
@@ -221,12 +224,12 @@ def quantize_layer(view: LayerView, stats: LayerStats, lq: LayerQuantizer) -> tu
         info["channel_absmax"]["moe_in"] = channel_profile(moe_in.sample, t_shared, x_all)
 
     fp_router = copy.deepcopy(view.router)  # smoothing folded, nothing quantized: the FP reference
-    router_w = view.router.weight.detach().float()
+    router_w = view.router.weight.detach().float().cpu()  # alignment runs beside its CPU statistics
     router_w_t = t_shared.weight(router_w) if t_shared is not None else router_w
     if lq.ext.quantize_router is not None and q.router_wbits < 16:
         x_t = t_shared.act(x_all) if t_shared is not None else x_all
-        weight, info["router_align"] = lq.ext.quantize_router(view, router_w_t, x_t, q)
-        lq.wrap(view.mlp, _last(view, view.router), t_shared, bits=q.router_abits, weight=weight)
+        quantized, info["router_align"] = lq.ext.quantize_router(view, router_w_t, x_t, q)
+        lq.wrap(view.mlp, _last(view, view.router), t_shared, bits=q.router_abits, quantized=quantized)
     else:
         router_wq = WeightQuantizer(q.router_wbits, q.w_sym, q.swc, q.w_clip)
         lq.wrap(view.mlp, _last(view, view.router), t_shared, bits=q.router_abits, w_quant=router_wq)
@@ -393,7 +396,7 @@ def gptq_layer(layer: nn.Module, view: LayerView, deferred: list, cfg: GPTQConfi
             h = g.hessian(q)
             if h is None or h.tokens < cfg.min_tokens:
                 info["fallback"].append(names.get(q, "?"))
-                q.inner.weight.data = wq(q.inner.weight.data.float()).to(q.inner.weight.dtype)
+                q.set_quantized(wq.quantize(q.inner.weight.data.float()))
                 continue
             key = (tuple(q.inner.weight.shape), wq.bits, wq.sym, wq.clip_ratio, wq.clip)
             jobs.setdefault(key, []).append((q, wq, h))
@@ -408,12 +411,14 @@ def gptq_layer(layer: nn.Module, view: LayerView, deferred: list, cfg: GPTQConfi
             chunk = items[s : s + per_batch]
             w = torch.stack([q.inner.weight.data for q, _, _ in chunk])
             hs = torch.stack([h.matrix() for _, _, h in chunk])
-            qw, losses = gptq_quantize(w, hs, chunk[0][1], cfg.blocksize, cfg.percdamp, cfg.act_order, cfg.group_size)
-            info["loss"] += losses.sum().item()
-            for (q, _, _), w_fp, w_q, h in zip(chunk, w, qw, hs):
+            res = gptq_quantize(w, hs, chunk[0][1], cfg.blocksize, cfg.percdamp, cfg.act_order, cfg.group_size)
+            info["loss"] += res.loss.sum().item()
+            for b, ((q, wq, _), w_fp, h) in enumerate(zip(chunk, w, hs)):
+                w_q = res.weight[b]
                 if q.inner is view.router or q.inner in gate_ins:
                     cos["router" if q.inner is view.router else "expert_gate_proj"].append(output_cosine(w_fp, w_q, h))
-                q.inner.weight.data = w_q.to(q.inner.weight.dtype)
+                q.set_quantized(QuantizedWeight(w_q, wq.bits, wq.sym, res.scale[b], res.zero[b],
+                                                None if res.g_idx is None else res.g_idx[b]))
     for k, v in cos.items():
         if v:
             info[f"{k}_out_cos"] = sum(v) / len(v)
@@ -425,13 +430,15 @@ def gptq_layer(layer: nn.Module, view: LayerView, deferred: list, cfg: GPTQConfi
 def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: QuantConfig, cfg: DuQuantConfig,
                    ext: Extensions | None = None, device="cpu", seed: int = 0, route_all: bool = False,
                    expert_extra_ids: torch.Tensor | None = None, gptq: GPTQConfig | None = None,
-                   profile_layer: int | None = None) -> Report:
+                   profile_layer: int | None = None, checkpoint_dir: Path | None = None) -> Report:
     """Quantize `model` in place, one decoder layer at a time on `device`.
 
     `expert_extra_ids` are extra sequences whose activations calibrate the routed experts only
     (attention, router and shared experts see the base set alone).
     `gptq` replaces round-to-nearest of the weights by GPTQ, after the transforms are fitted.
     Layer `profile_layer` reports its sites' per-channel max |x| before and after the transforms.
+    With `checkpoint_dir`, every finished layer is checkpointed there and a rerun resumes after
+    the last one (see `duquant.resume`).
     """
     ext = ext or Extensions()
     device = torch.device(device)
@@ -444,7 +451,13 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: Quant
     extra = capture_layer_inputs(model, spec, expert_extra_ids, device, 1)[0] if expert_extra_ids is not None else []
     report.timings["capture"] = time.time() - t0
     fit_time = stats_time = gptq_time = 0.0
+    report.resumed_from = resume.finished_layers(checkpoint_dir)
     for i, layer in enumerate(tqdm(decoder_layers(model, spec), desc=f"quantize {quant.tag}")):
+        if i < report.resumed_from:
+            report.layers.append(resume.restore_layer(checkpoint_dir, i, layer))
+            if i == report.resumed_from - 1:
+                inps, extra = resume.load_inputs(checkpoint_dir)
+            continue
         layer.to(device)
         view = resolve(spec, layer, model.config, i)
         t = time.time()
@@ -488,6 +501,8 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: Quant
         report.layers.append(info)
         if device.type != "cpu":
             layer.to("cpu")
+        if checkpoint_dir is not None:
+            resume.save_layer(checkpoint_dir, i, layer, info, inps, extra)
     report.timings.update(statistics_and_propagation=stats_time, fitting=fit_time, total=time.time() - t0)
     if gptq is not None:
         report.timings["gptq"] = gptq_time

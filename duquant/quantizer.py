@@ -104,6 +104,64 @@ def mse_clip_search(
 
 
 @dataclass
+class QuantizedWeight:
+    """A fake-quantized weight with the grid it lies on, so it can be stored as integer codes.
+
+    `scale` and `zero` are [out, G] in the dtype the codes were computed in; with G > 1 groups,
+    input column j uses group `g_idx[j]`. `weight` is exactly `dequantize(codes, scale, zero)`
+    cast to the model dtype, which is what makes a packed save reproduce the logits bit for bit.
+    """
+
+    weight: torch.Tensor
+    bits: int = 16
+    sym: bool = False
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    g_idx: torch.Tensor | None = None
+
+    def _grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.g_idx is None:
+            return self.scale, self.zero
+        idx = self.g_idx.to(self.scale.device)
+        return self.scale[:, idx], self.zero[:, idx]
+
+    def codes(self) -> torch.Tensor:
+        """Integer codes that decode to exactly `weight`; raises if the weight is off its grid.
+
+        A bf16 weight can sit up to half a step from its grid point at 8 bits, so the rounded
+        code's neighbours are tried too: any code that decodes to the stored value is right.
+        """
+        scale, zero = self._grid()
+        lo, hi = _levels(self.bits, self.sym)
+        q0 = torch.round(self.weight.to(scale.dtype) / scale) + zero
+        codes, found = torch.zeros_like(q0), torch.zeros(q0.shape, dtype=torch.bool, device=q0.device)
+        for delta in (0, -1, 1):
+            cand = (q0 + delta).clamp(lo, hi)
+            hit = ~found & (dequantize(cand, scale, zero).to(self.weight.dtype) == self.weight)
+            codes, found = torch.where(hit, cand, codes), found | hit
+        if not found.all():
+            raise ValueError("weight is not on its recorded quantization grid; cannot store it as integers")
+        return codes.to(torch.int8 if self.sym else torch.uint8)
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, sym: bool,
+                   dtype: torch.dtype, g_idx: torch.Tensor | None = None) -> "QuantizedWeight":
+        qw = cls(torch.empty(0), bits, sym, scale, zero, g_idx)
+        s, z = qw._grid()
+        qw.weight = dequantize(q, s, z).to(dtype)
+        return qw
+
+
+def quantize_weight(w: torch.Tensor, bits: int, sym: bool, clip: float | torch.Tensor) -> QuantizedWeight:
+    """`fake_quant` that also returns the grid (same arithmetic, same result)."""
+    if bits >= 16:
+        return QuantizedWeight(w)
+    scale, zero = quant_params(w, bits, sym, clip)
+    weight = dequantize(quantize(w, scale, zero, bits, sym), scale, zero).to(w.dtype)
+    return QuantizedWeight(weight, bits, sym, scale, zero)
+
+
+@dataclass
 class WeightQuantizer:
     """Static per-output-channel quantizer for a weight [out, in] (after its transform).
 
@@ -127,9 +185,10 @@ class WeightQuantizer:
         return self.clip_ratio
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
-        if self.bits >= 16:
-            return w
-        return fake_quant(w, self.bits, self.sym, self._ratio(w))
+        return self.quantize(w).weight
+
+    def quantize(self, w: torch.Tensor) -> QuantizedWeight:
+        return quantize_weight(w, self.bits, self.sym, self._ratio(w) if self.bits < 16 else 1.0)
 
     def params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quant_params(w, self.bits, self.sym, self._ratio(w))

@@ -9,7 +9,7 @@ activations and weights whose outliers have been flattened. `inverse_act` undoes
 (for tests and diagnostics). Parameters are buffers, so they travel with state_dict, and
 they are stored compactly: a vector of scales, an index vector, b x b blocks. Each
 method computes in the wider of the input's and the buffer's dtype and returns the
-input's dtype. The fitting functions work in float64 and return buffers in the dtype of
+input's dtype, on the input's device (statistics and fits live on the CPU, a layer may not). The fitting functions work in float64 and return buffers in the dtype of
 their input statistics (the model dtype), as QuaRot does.
 
 DuQuant is Compose([Smooth, BlockRotation R1, Permutation (zigzag), BlockRotation R2]),
@@ -37,11 +37,11 @@ class Smooth(nn.Module):
 
     def act(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _promote(x, self.scale)
-        return (x.to(dtype) / self.scale.to(dtype)).to(x.dtype)
+        return (x.to(dtype) / self.scale.to(x.device, dtype)).to(x.dtype)
 
     def weight(self, w: torch.Tensor) -> torch.Tensor:
         dtype = _promote(w, self.scale)
-        return (w.to(dtype) * self.scale.to(dtype)).to(w.dtype)
+        return (w.to(dtype) * self.scale.to(w.device, dtype)).to(w.dtype)
 
     def inverse_act(self, x: torch.Tensor) -> torch.Tensor:
         return self.weight(x)
@@ -55,13 +55,13 @@ class Permutation(nn.Module):
         self.register_buffer("perm", perm.long())
 
     def act(self, x: torch.Tensor) -> torch.Tensor:
-        return x[..., self.perm]
+        return x[..., self.perm.to(x.device)]
 
     def weight(self, w: torch.Tensor) -> torch.Tensor:
-        return w[..., self.perm]
+        return w[..., self.perm.to(w.device)]
 
     def inverse_act(self, x: torch.Tensor) -> torch.Tensor:
-        return x[..., torch.argsort(self.perm)]
+        return x[..., torch.argsort(self.perm).to(x.device)]
 
 
 class BlockRotation(nn.Module):
@@ -93,9 +93,9 @@ class BlockRotation(nn.Module):
         head = einops.rearrange(flat[:, : flat.shape[1] - r], "t (n b) -> n t b", b=b)
         if blocks.shape[0] not in (1, head.shape[0]):
             raise ValueError(f"{blocks.shape[0]} stored blocks cannot rotate {head.shape[0]} blocks of {b}")
-        out = einops.rearrange(head @ blocks.to(dtype), "n t b -> t (n b)")
+        out = einops.rearrange(head @ blocks.to(x.device, dtype), "n t b -> t (n b)")
         if r:
-            out = torch.cat([out, flat[:, -r:] @ tail.to(dtype)], dim=1)
+            out = torch.cat([out, flat[:, -r:] @ tail.to(x.device, dtype)], dim=1)
         return out.reshape(x.shape).to(x.dtype)
 
     def act(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from duquant.config import QuantConfig
-from duquant.quantizer import fake_quant
+from duquant.quantizer import QuantizedWeight, fake_quant, quantize_weight
 from models.spec import LayerView
 
 
@@ -41,10 +41,11 @@ def routing_metrics(fp_logits: torch.Tensor, q_logits: torch.Tensor, top_k: int)
 
 
 def align_router(weight: torch.Tensor, x: torch.Tensor, quant: QuantConfig, top_k: int, kl_top: int,
-                 grid: int = 20, rounds: int = 2) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                 grid: int = 20, rounds: int = 2) -> tuple[QuantizedWeight, torch.Tensor, dict]:
     """Per-row clip ratios for the (transformed) router weight [n, H] on transformed inputs x [T, H].
 
-    Returns the fake-quantized weight, the ratios, and routing metrics with and without alignment.
+    Returns the quantized weight (on the grid of the chosen ratios), the ratios, and routing
+    metrics with and without alignment.
     """
     w, x = weight.double(), x.double()
     n = w.shape[0]
@@ -68,13 +69,15 @@ def align_router(weight: torch.Tensor, x: torch.Tensor, quant: QuantConfig, top_
                 best, q_logits, ratios[e], w_q[e] = scores[j].item(), trials[j], candidates[j], rows[j]
     aligned = routing_metrics(fp_logits, q_logits, top_k)
     aligned["objective"] = best
-    return w_q.to(weight.dtype), ratios.squeeze(1), {"default": default, "aligned": aligned, "kl_experts": m}
+    quantized = quantize_weight(w, quant.router_wbits, quant.w_sym, ratios)  # row by row what w_q holds
+    quantized.weight = quantized.weight.to(weight.dtype)
+    return quantized, ratios.squeeze(1), {"default": default, "aligned": aligned, "kl_experts": m}
 
 
 def router_quantizer(kl_top: int, grid: int, rounds: int):
-    """The `Extensions.quantize_router` hook: (view, weight_t, x_t, quant) -> (weight_q, info)."""
+    """The `Extensions.quantize_router` hook: (view, weight_t, x_t, quant) -> (QuantizedWeight, info)."""
     def hook(view: LayerView, weight_t: torch.Tensor, x_t: torch.Tensor, quant: QuantConfig):
-        w_q, ratios, info = align_router(weight_t, x_t, quant, view.top_k, kl_top, grid, rounds)
+        quantized, ratios, info = align_router(weight_t, x_t, quant, view.top_k, kl_top, grid, rounds)
         info["clip_ratios"] = ratios.tolist()
-        return w_q, info
+        return quantized, info
     return hook

@@ -53,7 +53,7 @@ def _weight(out=32, dim=96, seed=1, dtype=torch.float64):
 def test_gptq_with_diagonal_hessian_is_rtn(act_order):
     w = _weight()
     for h in (torch.eye(96, dtype=w.dtype), torch.diag(torch.rand(96, dtype=w.dtype) + 0.5)):
-        q, _ = gptq_quantize(w, h, Q4, blocksize=32, act_order=act_order)
+        q = gptq_quantize(w, h, Q4, blocksize=32, act_order=act_order).weight
         assert torch.equal(q, Q4(w))
     near = torch.eye(96, dtype=w.dtype) + 1e-9 * (lambda a: a + a.T)(torch.randn(96, 96, dtype=w.dtype))
     assert torch.equal(gptq_quantize(w, near, Q4, act_order=act_order)[0], Q4(w))
@@ -64,7 +64,7 @@ def test_gptq_beats_round_to_nearest_on_layer_output(kw):
     x, w = _correlated(), _weight()
     h = Hessian(96, "cpu", torch.float64)
     h.add(x)
-    q, loss = gptq_quantize(w, h.matrix(), Q4, **kw)
+    q, loss = gptq_quantize(w, h.matrix(), Q4, **kw)[:2]
     err = (x @ w.T - x @ q.T).norm()
     rtn = (x @ w.T - x @ Q4(w).T).norm()
     assert err < 0.85 * rtn and loss.item() > 0
@@ -79,7 +79,7 @@ def test_gptq_batched_over_experts_matches_one_by_one():
         h = Hessian(96, "cpu", torch.float64)
         h.add(_correlated(seed=10 + s))
         hs.append(h.matrix())
-    batched, _ = gptq_quantize(ws, torch.stack(hs), Q4, act_order=True, group_size=32)
+    batched = gptq_quantize(ws, torch.stack(hs), Q4, act_order=True, group_size=32).weight
     for w, h, q in zip(ws, hs, batched):
         assert torch.allclose(gptq_quantize(w, h, Q4, act_order=True, group_size=32)[0], q)
 

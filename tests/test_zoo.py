@@ -11,7 +11,7 @@ SHIPPED = [name for name in sorted(ZOO) if (ZOO_DIR / name / "config.json").exis
 
 
 def test_the_default_model_is_shipped():
-    assert "demo-mixtral" in SHIPPED
+    assert set(SHIPPED) == {"demo-mixtral", "demo-olmoe", "demo-deepseek"}
 
 
 @pytest.mark.parametrize("name", SHIPPED)

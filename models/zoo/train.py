@@ -138,24 +138,34 @@ def evaluate(model, stream, args, bos: int, n_windows: int = 24) -> float:
     model.eval()
     nll = []
     for i in range(0, n_windows, args.batch):
-        x = batch_at(stream, 10**6 + i, 0, args.batch, args.seqlen, bos)
+        x = batch_at(stream, 10**6 + i, 0, args.batch, args.seqlen, bos).to(args.device)
         logits = model(input_ids=x).logits
         nll.append(F.cross_entropy(logits[:, 1:-1].flatten(0, 1), x[:, 2:].flatten()).item())
     model.train()
     return math.exp(float(np.mean(nll)))
 
 
-def lr_at(step: int, args) -> float:
+def lr_at(step: int, args, elapsed: float = 0.0) -> float:
+    """Warmup, then cosine to 10%; under --time_limit the cosine follows whichever of steps or time
+    runs out first, so a run stopped by the clock still ends annealed."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     progress = (step - args.warmup) / max(1, args.max_steps - args.warmup)
+    if args.time_limit:
+        progress = max(progress, elapsed / args.time_limit)
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def save_checkpoint(path: Path, model, opt, step: int, history: list, elapsed: float) -> None:
+def hardware(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"1 {torch.cuda.get_device_name(device)} GPU"
+    return f"{torch.get_num_threads()} CPU threads"
+
+
+def save_checkpoint(path: Path, model, opt, step: int, history: list, elapsed: float, where: str) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
-                "elapsed": elapsed}, tmp)
+                "elapsed": elapsed, "hardware": where}, tmp)
     os.replace(tmp, path)
 
 
@@ -213,6 +223,9 @@ def main(argv=None) -> None:
     p.add_argument("--eval_every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--time_limit", type=float, default=0.0,
+                   help="stop after this many seconds of training (0 = none); the schedule anneals by then")
     p.add_argument("--export", type=Path, default=None, help="write the current checkpoint as a HF model and exit")
     p.add_argument("--warm_start", type=Path, default=None,
                    help="when no checkpoint exists: start from an exported zoo model's weights and step "
@@ -223,8 +236,10 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     run_dir = args.run_dir or RUNS / args.arch
     run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(SHIPPED_TOKENIZER if args.smoke else RUNS / "tokenizer")
-    model = build_model(args.arch, args.seed, args.smoke)
+    if args.device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")
+    tokenizer = build_tokenizer(SHIPPED_TOKENIZER)
+    model = build_model(args.arch, args.seed, args.smoke).to(args.device)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -232,18 +247,20 @@ def main(argv=None) -> None:
         lr=args.lr, betas=(0.9, 0.95),
     )
     ckpt_path, step, history, elapsed = run_dir / "checkpoint.pt", 0, [], 0.0
+    where = hardware(args.device)
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=False, map_location=args.device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, history, elapsed = state["step"], state["history"], state.get("elapsed", 0.0)
+        where = state.get("hardware", where)
         print(f"resumed {args.arch} from step {step}")
     elif args.warm_start:
         step, history, elapsed = warm_start(model, args.warm_start)
         print(f"warm-started {args.arch} from {args.warm_start} at step {step} (fresh optimizer state)")
     if args.export:
         meta = {"arch": args.arch, "steps": step, "tokens": step * args.batch * args.seqlen,
-                "train_seconds": elapsed, "history": history,
+                "train_seconds": elapsed, "hardware": where, "history": history,
                 "args": {k: str(v) for k, v in vars(args).items() if k not in ("export", "run_dir")}}
         export(model, tokenizer, args.export, meta)
         print(f"exported step {step} to {args.export}")
@@ -265,8 +282,8 @@ def main(argv=None) -> None:
     t_last = time.time()
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args)
-        x = batch_at(train, step, args.seed, args.batch, args.seqlen, bos)
+            g["lr"] = lr_at(step, args, elapsed)
+        x = batch_at(train, step, args.seed, args.batch, args.seqlen, bos).to(args.device)
         captured.clear()
         logits = model(input_ids=x).logits
         lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
@@ -280,11 +297,14 @@ def main(argv=None) -> None:
         elapsed += now - t_last
         t_last = now
         done = step + 1
-        if done % args.eval_every == 0 or done == args.max_steps:
+        last = done == args.max_steps or (args.time_limit and elapsed >= args.time_limit)
+        if done % args.eval_every == 0 or last:
             history.append({"step": done, "train_loss": lm.item(), "val_ppl": evaluate(model, val, args, bos)})
             print(json.dumps(history[-1]), flush=True)
-        if done % args.save_every == 0 or done == args.max_steps:
-            save_checkpoint(ckpt_path, model, opt, done, history, elapsed)
+        if done % args.save_every == 0 or last:
+            save_checkpoint(ckpt_path, model, opt, done, history, elapsed, where)
+        if last:
+            break
 
 
 if __name__ == "__main__":

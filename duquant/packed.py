@@ -1,0 +1,273 @@
+"""The quantized model as a file: packed integer weights, their grids, the transforms, the rest.
+
+A saved directory holds
+    config.json, tokenizer files   the FP model's config (the skeleton is rebuilt from it) and tokenizer
+    quant_config.json              the run's method and options, and per quantized linear: bits, grid
+                                   shape, activation quantizer and transform id; transform structures;
+                                   KV-cache quantizers
+    model.safetensors              <linear>.qweight (codes, two 4-bit or 3-bit values per byte, four
+                                   2-bit values, one byte from 5 bits up), <linear>.scale / .zero
+                                   (/ .g_idx with groups); FP weights of unquantized linears;
+                                   transforms.<id>.* buffers; every other parameter under its own name
+
+`load_quantized` decodes the same grids the quantizer used, so the rebuilt model's logits equal
+the in-memory fake-quantized model's bit for bit. The same per-module state (`module_state`,
+`apply_state`) checkpoints single decoder layers, which is how an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import kvquant
+from .qlinear import QLinear
+from .quantizer import ActQuantizer, QuantizedWeight
+from .transforms import BlockRotation, Compose, Permutation, Smooth
+
+FORMAT = 1
+QUANT_CONFIG = "quant_config.json"
+WEIGHTS = "model.safetensors"
+
+
+class QuantizedLoadError(RuntimeError):
+    """A saved model that cannot be written or read; the message is one line that names the fix."""
+
+
+# ----------------------------------------------------------------------------- integer packing
+
+
+def _width(bits: int) -> int:
+    return 2 if bits <= 2 else 4 if bits <= 4 else 8
+
+
+def pack_codes(q: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
+    """Codes [rows, cols] -> uint8 [rows, ceil(cols / per_byte)], low bits first."""
+    u = (q.to(torch.int16) + (2 ** (bits - 1) if sym else 0)).to(torch.uint8)
+    width = _width(bits)
+    per = 8 // width
+    pad = (-u.shape[-1]) % per
+    u = torch.nn.functional.pad(u, (0, pad)).reshape(*u.shape[:-1], -1, per)
+    shifts = torch.arange(per, dtype=torch.uint8, device=u.device) * width
+    return (u << shifts).sum(-1, dtype=torch.uint8) if per > 1 else u[..., 0]
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, sym: bool, cols: int) -> torch.Tensor:
+    width = _width(bits)
+    per = 8 // width
+    shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * width
+    u = ((packed[..., None] >> shifts) & (2**width - 1)).reshape(*packed.shape[:-1], -1)[..., :cols]
+    return (u.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8) if sym else u
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def _transform_spec(t: nn.Module) -> dict:
+    if isinstance(t, Compose):
+        return {"type": "compose", "parts": [_transform_spec(p) for p in t.transforms]}
+    kinds = {Smooth: "smooth", Permutation: "permutation", BlockRotation: "block_rotation"}
+    if type(t) not in kinds:
+        raise QuantizedLoadError(f"cannot save transform {type(t).__name__}: only {', '.join(kinds.values())} and compose")
+    return {"type": kinds[type(t)]}
+
+
+def _build_transform(spec: dict, tensors: dict[str, torch.Tensor], prefix: str) -> nn.Module:
+    kind = spec["type"]
+    if kind == "compose":
+        return Compose([_build_transform(p, tensors, f"{prefix}.transforms.{i}") for i, p in enumerate(spec["parts"])])
+    if kind == "smooth":
+        return Smooth(tensors[f"{prefix}.scale"])
+    if kind == "permutation":
+        return Permutation(tensors[f"{prefix}.perm"])
+    return BlockRotation(tensors[f"{prefix}.blocks"], tensors[f"{prefix}.tail"])
+
+
+# ----------------------------------------------------------------------------- module state
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous()
+
+
+def _small_ints(zero: torch.Tensor) -> torch.Tensor:
+    """Zero points are integers in 0..2^b-1 held in floats; one byte each stores them exactly."""
+    as_bytes = zero.to(torch.uint8)
+    return as_bytes if torch.equal(as_bytes.to(zero.dtype), zero) else zero
+
+
+def module_state(root: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """Everything needed to rebuild the quantized `root` from its unquantized skeleton."""
+    tensors: dict[str, torch.Tensor] = {}
+    linears, transforms, kv = {}, {}, {}
+    ids: dict[int, str] = {}
+    owned: list[str] = []
+    for name, m in root.named_modules():
+        if isinstance(m, QLinear):
+            owned.append(name + ".")
+            entry = {"act": {"bits": m.act_quant.bits, "sym": m.act_quant.sym, "clip": m.act_quant.clip_ratio}}
+            if m.transform is not None:
+                if id(m.transform) not in ids:
+                    tid = ids[id(m.transform)] = f"t{len(ids)}"
+                    transforms[tid] = _transform_spec(m.transform)
+                    tensors.update({f"transforms.{tid}.{k}": _cpu(v) for k, v in m.transform.state_dict().items()})
+                entry["transform"] = ids[id(m.transform)]
+            qw = m.quantized_weight()
+            entry.update(bits=qw.bits, sym=qw.sym, shape=list(qw.weight.shape), dtype=str(qw.weight.dtype).removeprefix("torch."))
+            if qw.bits >= 16:
+                tensors[f"{name}.weight"] = _cpu(qw.weight)
+            else:
+                tensors[f"{name}.qweight"] = pack_codes(_cpu(qw.codes()), qw.bits, qw.sym)
+                tensors[f"{name}.scale"], tensors[f"{name}.zero"] = _cpu(qw.scale), _small_ints(_cpu(qw.zero))
+                if qw.g_idx is not None:
+                    tensors[f"{name}.g_idx"] = _cpu(qw.g_idx)
+            if getattr(m.inner, "bias", None) is not None:
+                tensors[f"{name}.bias"] = _cpu(m.inner.bias)
+            linears[name] = entry
+        elif isinstance(m, kvquant.KVQuant):
+            owned.append(name + ".")
+            kv[name] = {"bits": m.bits, "sym": m.sym, "clip": m.clip, "head_dim": m.hadamard.shape[0]}
+    seen: dict[int, str] = {}
+    for key, value in root.state_dict().items():
+        if any(key.startswith(p) for p in owned):
+            continue
+        # Tied parameters (embeddings = lm_head) are one storage; safetensors wants each once.
+        ptr = value.data_ptr()
+        tensors[key] = _cpu(value).clone() if ptr in seen else _cpu(value)
+        seen[ptr] = key
+    return tensors, {"linears": linears, "transforms": transforms, "kv": kv}
+
+
+def apply_state(root: nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Turn the unquantized skeleton `root` into the saved quantized module (the inverse of `module_state`)."""
+    linears = meta["linears"]
+    rest = {k: v for k, v in tensors.items() if not k.startswith("transforms.")
+            and not any(k.startswith(n + ".") for n in linears)}
+    expected = {k for k in root.state_dict() if not any(k == f"{n}.weight" or k == f"{n}.bias" for n in linears)}
+    missing, unexpected = expected - set(rest), set(rest) - expected
+    if missing or unexpected:
+        raise QuantizedLoadError(f"saved state does not match the model: missing {sorted(missing)[:3]}, "
+                                 f"unexpected {sorted(unexpected)[:3]}; was it saved from another model?")
+    root.load_state_dict(rest, strict=False)
+    built = {tid: _build_transform(spec, tensors, f"transforms.{tid}") for tid, spec in meta["transforms"].items()}
+    for name, e in linears.items():
+        inner = root.get_submodule(name)
+        dtype = getattr(torch, e["dtype"])
+        if e["bits"] >= 16:
+            qw = QuantizedWeight(tensors[f"{name}.weight"].to(dtype))
+        else:
+            codes = unpack_codes(tensors[f"{name}.qweight"], e["bits"], e["sym"], e["shape"][-1])
+            scale = tensors[f"{name}.scale"]
+            qw = QuantizedWeight.from_codes(codes, scale, tensors[f"{name}.zero"].to(scale.dtype), e["bits"],
+                                            e["sym"], dtype, tensors.get(f"{name}.g_idx"))
+        if f"{name}.bias" in tensors:
+            inner.bias.data = tensors[f"{name}.bias"].to(inner.bias.dtype)
+        act = ActQuantizer(e["act"]["bits"], e["act"]["sym"], e["act"]["clip"])
+        parent, _, attr = name.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, attr,
+                QLinear(inner, built.get(e.get("transform")), act, quantized=qw))
+    for name, e in meta["kv"].items():
+        parent, _, attr = name.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, attr,
+                kvquant.KVQuant(e["bits"], e["head_dim"], e["sym"], e["clip"]))
+
+
+def packed_size(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """Bytes of the quantized linears as saved (codes + grids) against the same linears in bf16."""
+    saved = bf16 = 0
+    for name, e in meta["linears"].items():
+        if e["bits"] >= 16:
+            continue
+        saved += sum(t.numel() * t.element_size() for k, t in tensors.items()
+                     if k.startswith(name + ".") and k.rsplit(".", 1)[1] in ("qweight", "scale", "zero", "g_idx"))
+        bf16 += 2 * e["shape"][0] * e["shape"][1]
+    return {"quantized_linears_bytes": saved, "bf16_bytes": bf16, "ratio": saved / bf16 if bf16 else None}
+
+
+# ----------------------------------------------------------------------------- directories
+
+
+def write_dir_atomically(out: Path, fill) -> None:
+    """fill(tmp) writes the directory's files; `out` then appears whole or not at all."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, run_config: dict) -> dict:
+    """Write the quantized model to `out_dir` (replacing a saved model there, never anything else)."""
+    out = Path(out_dir)
+    if out.exists() and not (out / QUANT_CONFIG).exists():
+        raise QuantizedLoadError(f"--save_dir {out} exists and is not a saved quantized model; choose a new directory")
+    tensors, meta = module_state(model)
+    size = packed_size(tensors, meta)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        doc = {"format": FORMAT, "dtype": dtype, "run": run_config, "size": size, **meta}
+        (tmp / QUANT_CONFIG).write_text(json.dumps(doc, indent=1))
+
+    write_dir_atomically(out, fill)
+    return {**size, "total_bytes": sum(f.stat().st_size for f in out.iterdir())}
+
+
+def read_saved(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """quant_config.json and the tensors of a saved model, with one-line errors for broken directories."""
+    path = Path(path)
+    if not (path / QUANT_CONFIG).is_file():
+        raise QuantizedLoadError(f"{path} is not a saved quantized model (no {QUANT_CONFIG}); save one with --save_dir")
+    try:
+        meta = json.loads((path / QUANT_CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise QuantizedLoadError(f"{path / QUANT_CONFIG} is corrupt ({e.msg}); save the model again") from None
+    if meta.get("format") != FORMAT:
+        raise QuantizedLoadError(f"{path} has format {meta.get('format')}, this version reads {FORMAT}; save it again")
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise QuantizedLoadError(f"{path / WEIGHTS} is missing or corrupt ({str(e).splitlines()[0][:120]}); "
+                                 "save the model again") from None
+    return meta, tensors
+
+
+def load_quantized(path: str | Path):
+    """(model, tokenizer, quant_config) of a directory written by `save_quantized`, on the CPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from models import get_spec
+    from models.experts import unfuse_experts
+
+    path = Path(path)
+    meta, tensors = read_saved(path)
+    dtype = getattr(torch, meta["dtype"])
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    spec = get_spec(model)
+    unfuse_experts(model, spec)
+    apply_state(model, tensors, meta)
+    if meta["kv"]:
+        kvquant.enable(model)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    return model, tokenizer, meta

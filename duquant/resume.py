@@ -1,0 +1,55 @@
+"""Layer checkpoints: a quantization run killed at any layer continues from the last finished one.
+
+After every layer, `save_layer` writes that layer's quantized state (the packed format of
+`duquant.packed`), its report entry, and the calibration activations entering the next layer;
+`progress.json` is replaced last, so it only ever names layers whose files are complete. A
+resumed run restores the finished layers and their outputs and goes on with the same seeds, so
+it ends with the same model and report as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from .packed import apply_state, module_state
+
+PROGRESS = "progress.json"
+
+
+def _replace(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def finished_layers(ckpt_dir: Path | None) -> int:
+    if ckpt_dir is None or not (ckpt_dir / PROGRESS).exists():
+        return 0
+    return json.loads((ckpt_dir / PROGRESS).read_text())["done"]
+
+
+def save_layer(ckpt_dir: Path, index: int, layer: nn.Module, info: dict,
+               inps: list[torch.Tensor], extra: list[torch.Tensor]) -> None:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tensors, meta = module_state(layer)
+    _replace(ckpt_dir / f"layer{index}.safetensors", lambda p: save_file(tensors, str(p)))
+    _replace(ckpt_dir / f"layer{index}.json", lambda p: p.write_text(json.dumps({"state": meta, "info": info})))
+    _replace(ckpt_dir / "inputs.pt", lambda p: torch.save({"inps": inps, "extra": extra}, p))
+    _replace(ckpt_dir / PROGRESS, lambda p: p.write_text(json.dumps({"done": index + 1})))
+
+
+def restore_layer(ckpt_dir: Path, index: int, layer: nn.Module) -> dict:
+    """Quantize `layer` (still FP, experts unfused) from its checkpoint; returns its report entry."""
+    saved = json.loads((ckpt_dir / f"layer{index}.json").read_text())
+    apply_state(layer, load_file(str(ckpt_dir / f"layer{index}.safetensors")), saved["state"])
+    return saved["info"]
+
+
+def load_inputs(ckpt_dir: Path) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    saved = torch.load(ckpt_dir / "inputs.pt", weights_only=True)
+    return saved["inps"], saved["extra"]
