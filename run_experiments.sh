@@ -11,6 +11,8 @@
 #
 # Tables 1-3 (and the DuQuant/EAQuant rows everywhere) run for every seed in SEEDS; the single-knob
 # ablations of Tables 4-7 and the MoEQuant runs use ABLATION_SEEDS (default: the first seed).
+# TASKS (default the paper's five) are lm-eval zero-shot tasks, at most TASK_LIMIT examples each
+# (0 = all); TASKS= skips them. Beside another CPU job, run with OMP_NUM_THREADS=1.
 # Instances with different MODELS can run side by side (results are written atomically).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -38,8 +40,9 @@ else
 fi
 ABLATION_SEEDS=${ABLATION_SEEDS:-${SEEDS%% *}}
 TASKS=${TASKS:-arc_challenge,arc_easy,boolq,piqa,winogrande}
-ZS="--tasks $TASKS"
-[ "$TASK_LIMIT" != 0 ] && ZS="$ZS --limit $TASK_LIMIT"
+ZS=""
+[ -n "$TASKS" ] && ZS="--tasks $TASKS"
+[ -n "$TASKS" ] && [ "$TASK_LIMIT" != 0 ] && ZS="$ZS --limit $TASK_LIMIT"
 START=$(date +%s)
 
 run() {  # run NAME ARGS...: one main.py run into $OUT/$model/NAME unless already done

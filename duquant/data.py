@@ -69,17 +69,32 @@ def _documents(name: str) -> list[str]:
     raise DataError(f"unknown calibration dataset {name!r}; choose from {', '.join(CALIB_DATASETS)}")
 
 
+# Requests up to this many tokens fit every bundled source many times over (C4 train alone holds
+# 596k tokens in documents longer than 256); above it the source is measured before sampling.
+SMALL_REQUEST = 32768
+
+
 def calibration_segments(name: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """nsamples random seqlen windows [nsamples, seqlen], seeded.
 
     C4 follows GPTQ: pick a random document, then a random window inside it; documents shorter than
     the window are redrawn. Gutenberg books are long, so each draw is a random window of a random book.
+    Windows may overlap; a source whose usable text would make every token repeat more than twice
+    is refused.
     """
     rng = random.Random(seed)
     docs = _documents(name)
     if name == "gutenberg":
         docs = rng.sample(docs, k=min(len(docs), max(4, nsamples // 8)))
     encoded: dict[int, torch.Tensor] = {}
+    if nsamples * seqlen > SMALL_REQUEST:
+        encoded = dict(enumerate(tokenizer(docs, return_tensors=None, verbose=False)["input_ids"]))
+        encoded = {i: torch.tensor(ids) for i, ids in encoded.items()}
+        usable = sum(ids.numel() for ids in encoded.values() if ids.numel() > seqlen)
+        if usable < nsamples * seqlen // 2:
+            raise DataError(f"{name} is too small for {nsamples} x {seqlen} calibration tokens: documents longer than "
+                            f"seqlen hold {usable} tokens, so windows would repeat each token more than twice; "
+                            "lower --nsamples or --seqlen, or use --calib_dataset gutenberg")
     out, tries = [], 0
     while len(out) < nsamples:
         tries += 1

@@ -450,13 +450,15 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: Quant
     inps, kwargs = capture_layer_inputs(model, spec, calib_ids, device, batch_size=1)
     extra = capture_layer_inputs(model, spec, expert_extra_ids, device, 1)[0] if expert_extra_ids is not None else []
     report.timings["capture"] = time.time() - t0
-    fit_time = stats_time = gptq_time = 0.0
+    fit_time = stats_time = gptq_time = ckpt_time = 0.0
     report.resumed_from = resume.finished_layers(checkpoint_dir)
     for i, layer in enumerate(tqdm(decoder_layers(model, spec), desc=f"quantize {quant.tag}")):
         if i < report.resumed_from:
+            t = time.time()
             report.layers.append(resume.restore_layer(checkpoint_dir, i, layer))
             if i == report.resumed_from - 1:
                 inps, extra = resume.load_inputs(checkpoint_dir)
+            ckpt_time += time.time() - t
             continue
         layer.to(device)
         view = resolve(spec, layer, model.config, i)
@@ -502,8 +504,12 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: Quant
         if device.type != "cpu":
             layer.to("cpu")
         if checkpoint_dir is not None:
+            t = time.time()
             resume.save_layer(checkpoint_dir, i, layer, info, inps, extra)
+            ckpt_time += time.time() - t
     report.timings.update(statistics_and_propagation=stats_time, fitting=fit_time, total=time.time() - t0)
+    if checkpoint_dir is not None:
+        report.timings["checkpoints"] = ckpt_time
     if gptq is not None:
         report.timings["gptq"] = gptq_time
     return report

@@ -163,14 +163,18 @@ def _spreading_matrix(b: int, seed: int) -> torch.Tensor:
     return q.T
 
 
-def _spread_at(g: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
-    """P_k G P_k for each k in `channel`: swap k to position 0, spread it, swap back. [m, b, b]."""
-    m, b = channel.shape[0], g.shape[0]
-    idx = torch.arange(b, device=g.device).repeat(m, 1)
-    rows = torch.arange(m, device=g.device)
-    idx[rows, channel] = 0
-    idx[rows, 0] = channel
-    return g[idx[:, :, None], idx[:, None, :]]
+def _swapped(y: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+    """A copy of y [n, *, b] with columns 0 and channel[i] exchanged in block i (channel [n] or [1]).
+
+    The step P_k G P_k (P_k swaps coordinates 0 and k) is applied as swap, one matrix product with
+    the shared G, swap: the same product as with the explicit step matrix, without building it.
+    """
+    y = y.clone()
+    blocks = torch.arange(y.shape[0], device=y.device)
+    first = y[:, :, 0].clone()
+    y[:, :, 0] = y[blocks, :, channel]
+    y[blocks, :, channel] = first
+    return y
 
 
 def _candidate_rows(xb: torch.Tensor) -> torch.Tensor:
@@ -217,9 +221,10 @@ def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: 
 
     best, channel = peak(xb)
     best_rot, cur = rot, xb
+    g32 = g.float()
     for _ in range(max_steps):
-        step = _spread_at(g, channel)
-        cur, rot = cur @ step.float(), rot @ step
+        cur = _swapped(_swapped(cur, channel) @ g32, channel)
+        rot = _swapped(_swapped(rot, channel) @ g, channel)
         score, channel = peak(cur)
         better = score < best
         best = torch.where(better, score, best)

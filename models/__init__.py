@@ -73,5 +73,9 @@ def load_model(name: str, dtype: torch.dtype = torch.float32):
         ) from None
     if type(model).__name__ not in SPECS:
         raise ModelLoadError(f"unsupported model class {type(model).__name__}; supported: {', '.join(sorted(SPECS))}")
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise ModelLoadError(f"checkpoint {name!r} has NaN or Inf values in {bad}; its weights are corrupt, "
+                             "re-download or re-export it")
     model.eval()
     return model, tokenizer

@@ -143,3 +143,24 @@ def test_cli_save_load_and_bad_inputs(tmp_path, capsys):
     (tmp_path / "other").mkdir()
     code, err = _main(common + ["--save_dir", str(tmp_path / "other")], capsys)
     assert code == 2 and "is not a saved quantized model" in err
+
+
+def test_checkpoint_with_nan_weights_is_refused(tmp_path, capsys):
+    from models.tiny import tiny_model
+
+    model, tok = tiny_model("mixtral")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "bad")
+    tok.save_pretrained(tmp_path / "bad")
+    code, err = _main(["--model", str(tmp_path / "bad"), "--output_dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and "NaN or Inf" in err and "q_proj" in err and not (tmp_path / "r").exists()
+
+
+def test_calibration_set_too_small_is_refused():
+    from duquant.data import DataError, calibration_segments
+    from models.tiny import tiny_model
+
+    _, tok = tiny_model("mixtral")
+    with pytest.raises(DataError, match="too small for 1000 x 2048"):
+        calibration_segments("c4", tok, 1000, 2048, 0)

@@ -1,0 +1,141 @@
+"""Peak memory of a quantization run, predicted from the model's shapes (and measured on a small one).
+
+    python bench/memory.py --preset mixtral-8x7b --nsamples 128 --seqlen 2048 --gptq   # formula only
+    python bench/memory.py --model demo-mixtral --nsamples 32 --seqlen 512 --measure   # formula vs measured
+
+Only one decoder layer and the calibration activations live on the accelerator, so
+    device peak ~ largest layer's weights
+                + 2 x nsamples x seqlen x hidden x act_bytes   (the layer's inputs and its outputs)
+                + 2 x largest matrix in fp32                   (the transformed working copy and its quantized result)
+                + with --gptq: 4 bytes x in^2 per Hessian of the largest layer (one per expert and input)
+    host peak   ~ the whole model + the sampled statistics (rotation_tokens rows per site, fp32)
+                (+ the device terms above when the device is the CPU).
+--measure quantizes the model on --device and prints the formula next to what the run used: the
+allocator's peak on a GPU, and on the CPU the peak RSS growth during quantization.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GiB = 2**30
+PRESETS = {
+    "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         num_local_experts=8, num_experts_per_tok=2),
+}
+
+
+def matrices(layer: torch.nn.Module) -> list[tuple[int, int, int]]:
+    """(count, out, in) of every weight matrix of a layer; fused experts [E, out, in] count E times."""
+    out = []
+    for _, p in layer.named_parameters():
+        if p.dim() == 2:
+            out.append((1, p.shape[0], p.shape[1]))
+        elif p.dim() == 3:
+            out.append((p.shape[0], p.shape[1], p.shape[2]))
+    return out
+
+
+def distinct_inputs(mats: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    """(count, width) of each distinct input a layer's matrices read, as statistics and Hessians see
+    them: matrices of one count and width are taken to share an input (q/k/v; each expert's gate
+    and up), plus o_proj, which has the width of q/k/v but an input of its own."""
+    widths = sorted({(count, width) for count, _, width in mats})
+    return widths + [(1, max(w for c, w in widths if c == 1))]
+
+
+def predict(model, spec, nsamples: int, seqlen: int, rotation_tokens: int, gptq: bool, cpu: bool) -> dict:
+    from models.spec import decoder_layers
+
+    layers = decoder_layers(model, spec)
+    wbytes = next(model.parameters()).element_size()
+    hidden = model.config.hidden_size
+    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    big = max(range(len(layers)), key=per_layer.__getitem__)
+    mats = matrices(layers[big])
+    d = {
+        "layer_weights": per_layer[big] * wbytes,
+        "activations": 2 * nsamples * seqlen * hidden * wbytes,
+        "working_copy": 2 * 4 * max(o * i for _, o, i in mats),
+        "gptq_hessians": sum(count * 4 * width**2 for count, width in distinct_inputs(mats)) if gptq else 0,
+    }
+    model_bytes = sum(p.numel() for p in model.parameters()) * wbytes
+    stats = sum(count * rotation_tokens * width * 4 for count, width in distinct_inputs(mats))
+    device = sum(d.values())
+    host = model_bytes + stats + (device - d["layer_weights"] if cpu else 0)
+    return {"model_bytes": model_bytes, **d, "stats": stats, "device_peak": device, "host_peak": host}
+
+
+def rss_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="a model to load (needed for --measure)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="shapes only, no weights")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--rotation_tokens", type=int, default=2048)
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--gptq", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--measure", action="store_true")
+    args = p.parse_args()
+    from models import get_spec, load_model
+
+    dtype = getattr(torch, args.dtype)
+    if args.preset:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        kw = dict(PRESETS[args.preset])
+        config = AutoConfig.for_model(kw.pop("model_type"), **kw)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        tok = None
+    else:
+        model, tok = load_model(args.model or "demo-mixtral", dtype)
+    spec = get_spec(model)
+    cpu = torch.device(args.device).type == "cpu"
+    pred = predict(model, spec, args.nsamples, args.seqlen, args.rotation_tokens, args.gptq, cpu)
+    name = args.preset or args.model or "demo-mixtral"
+    print(f"{name}: {sum(x.numel() for x in model.parameters()) / 1e9:.2f}B params in {args.dtype}, "
+          f"{args.nsamples} x {args.seqlen} calibration tokens{', GPTQ' if args.gptq else ''}, device {args.device}")
+    print("| term | GiB |\n|---|---|")
+    for k, v in pred.items():
+        print(f"| {k} | {v / GiB:.3f} |")
+    if not args.measure:
+        return
+    if args.preset:
+        raise SystemExit("--measure needs --model (a preset has no weights)")
+    from duquant.config import DuQuantConfig, GPTQConfig, QuantConfig
+    from duquant.data import calibration_segments
+    from duquant.pipeline import quantize_model
+
+    calib = calibration_segments("c4", tok, args.nsamples, args.seqlen, 0)
+    Path("/proc/self/clear_refs").write_text("5")  # restart the RSS high-water mark here
+    before = rss_bytes("VmRSS")
+    t = time.time()
+    quantize_model(model, spec, calib, QuantConfig(4, 4), DuQuantConfig(rotation_tokens=args.rotation_tokens),
+                   device=args.device, gptq=GPTQConfig() if args.gptq else None)
+    seconds = time.time() - t
+    grown = rss_bytes("VmHWM") - before
+    print(f"\nmeasured ({seconds:.0f} s): host peak RSS growth during quantization {grown / GiB:.3f} GiB "
+          f"(formula, without the model already loaded: {(pred['host_peak'] - pred['model_bytes']) / GiB:.3f} GiB)")
+    if not cpu:
+        print(f"device allocator peak {torch.cuda.max_memory_allocated() / GiB:.3f} GiB "
+              f"(formula {pred['device_peak'] / GiB:.3f} GiB)")
+
+
+if __name__ == "__main__":
+    main()
