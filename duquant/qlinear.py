@@ -14,6 +14,23 @@ import torch.nn as nn
 from .quantizer import ActQuantizer, QuantizedWeight, WeightQuantizer
 
 
+class SharedInput:
+    """The last input of one transform's readers, transformed, and each activation quantizer's result.
+
+    Readers of one activation (q/k/v; an expert's gate and up; the router and shared experts)
+    share one transform, so the first reader computes T.act(x) and the others reuse it while they
+    see the same, unmodified tensor. It is dropped once every reader has had its turn, so no
+    activation is held past the block that uses it.
+    """
+
+    def __init__(self):
+        self.readers = 0
+        self.clear()
+
+    def clear(self) -> None:
+        self.x, self.version, self.transformed, self.quantized, self.uses = None, -1, None, {}, 0
+
+
 class QLinear(nn.Module):
     def __init__(self, inner: nn.Module, transform: nn.Module | None, act_quant: ActQuantizer,
                  weight_quant: WeightQuantizer | None = None, quantized: QuantizedWeight | None = None):
@@ -23,6 +40,9 @@ class QLinear(nn.Module):
         super().__init__()
         if transform is not None:
             transform.to(inner.weight.device)  # fit from statistics kept on the CPU; runs where W lives
+            if getattr(transform, "shared_input", None) is None:
+                transform.shared_input = SharedInput()
+            transform.shared_input.readers += 1
         self.inner, self.transform, self.act_quant = inner, transform, act_quant
         if quantized is None:
             w = inner.weight.data
@@ -44,9 +64,25 @@ class QLinear(nn.Module):
         return self.inner.weight
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        if self.transform is not None:
-            x = self.transform.act(x)
-        return self.inner(self.act_quant(x), *args, **kwargs)
+        return self.inner(self.quantized_input(x), *args, **kwargs)
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Q_a(T.act(x)), computed once per input tensor for all readers of the transform."""
+        if self.transform is None:
+            return self.act_quant(x)
+        memo = self.transform.shared_input
+        if memo.x is not x or memo.version != x._version:
+            memo.clear()
+            memo.x, memo.version, memo.transformed = x, x._version, self.transform.act(x)
+        q = self.act_quant
+        key = (q.bits, q.sym, q.clip_ratio)
+        if key not in memo.quantized:
+            memo.quantized[key] = q(memo.transformed)
+        out = memo.quantized[key]
+        memo.uses += 1
+        if memo.uses >= memo.readers:
+            memo.clear()
+        return out
 
 
 def unwrap(m: nn.Module) -> nn.Module:
