@@ -294,6 +294,7 @@ def run_loaded(args) -> dict:
     if tokenizer is None:
         raise ConfigError(f"{args.load} holds no tokenizer; save it again with main.py --save_dir")
     spec = get_spec(model)
+    args.seqlen = min(args.seqlen, getattr(model.config, "max_position_embeddings", args.seqlen))
     out_dir = args.output_dir or Path("results") / f"{args.load.name}-loaded"
     print(f"loaded {args.load} ({cfg['method']} w{cfg['quant']['wbits']}a{cfg['quant']['abits']}) in {timings['load']:.1f} s; "
           f"eval {args.eval_ppl or 'none'} (windows {args.ppl_samples or 'all'}), device {device}")
