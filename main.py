@@ -29,7 +29,7 @@ from duquant.config import ConfigError, DuQuantConfig, GPTQConfig, QuantConfig
 from duquant.data import CALIB_DATASETS, PPL_DATASETS, DataError, calibration_segments, ppl_segments
 from duquant.diagnostics import plot_run, summarize
 from duquant.evaluate import perplexity
-from duquant.packed import QUANT_CONFIG, QuantizedLoadError, load_quantized, save_quantized
+from duquant.packed import QuantizedLoadError, check_save_dir, load_quantized, save_quantized
 from duquant.pipeline import Extensions, quantize_model
 from duquant.zeroshot import TASKS, check_tasks, evaluate_tasks
 from eaquant_ext.agq import affinity_weights
@@ -321,8 +321,8 @@ def run(args) -> dict:
     if args.load is not None:
         args.tasks_list = check_tasks(args.tasks_list)
         return run_loaded(args)
-    if args.save_dir is not None and args.save_dir.exists() and not (args.save_dir / QUANT_CONFIG).exists():
-        raise ConfigError(f"--save_dir {args.save_dir} exists and is not a saved quantized model; choose a new directory")
+    if args.save_dir is not None:
+        check_save_dir(args.save_dir)  # before the quantization it would otherwise waste
     quant, duq = build_configs(args)
     ea = build_eaquant(args)
     if ea.any and args.method in ("fp", "rtn"):

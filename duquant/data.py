@@ -88,8 +88,7 @@ def calibration_segments(name: str, tokenizer, nsamples: int, seqlen: int, seed:
         docs = rng.sample(docs, k=min(len(docs), max(4, nsamples // 8)))
     encoded: dict[int, torch.Tensor] = {}
     if nsamples * seqlen > SMALL_REQUEST:
-        encoded = dict(enumerate(tokenizer(docs, return_tensors=None, verbose=False)["input_ids"]))
-        encoded = {i: torch.tensor(ids) for i, ids in encoded.items()}
+        encoded = {i: torch.tensor(ids) for i, ids in enumerate(tokenizer(docs, verbose=False)["input_ids"])}
         usable = sum(ids.numel() for ids in encoded.values() if ids.numel() > seqlen)
         if usable < nsamples * seqlen // 2:
             raise DataError(f"{name} is too small for {nsamples} x {seqlen} calibration tokens: documents longer than "

@@ -26,6 +26,8 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from models.spec import set_module
+
 from . import kvquant
 from .qlinear import QLinear
 from .quantizer import ActQuantizer, QuantizedWeight
@@ -169,13 +171,9 @@ def apply_state(root: nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -
         if f"{name}.bias" in tensors:
             inner.bias.data = tensors[f"{name}.bias"].to(inner.bias.dtype)
         act = ActQuantizer(e["act"]["bits"], e["act"]["sym"], e["act"]["clip"])
-        parent, _, attr = name.rpartition(".")
-        setattr(root.get_submodule(parent) if parent else root, attr,
-                QLinear(inner, built.get(e.get("transform")), act, quantized=qw))
+        set_module(root, name, QLinear(inner, built.get(e.get("transform")), act, quantized=qw))
     for name, e in meta["kv"].items():
-        parent, _, attr = name.rpartition(".")
-        setattr(root.get_submodule(parent) if parent else root, attr,
-                kvquant.KVQuant(e["bits"], e["head_dim"], e["sym"], e["clip"]))
+        set_module(root, name, kvquant.KVQuant(e["bits"], e["head_dim"], e["sym"], e["clip"]))
 
 
 def packed_size(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
@@ -184,8 +182,8 @@ def packed_size(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     for name, e in meta["linears"].items():
         if e["bits"] >= 16:
             continue
-        saved += sum(t.numel() * t.element_size() for k, t in tensors.items()
-                     if k.startswith(name + ".") and k.rsplit(".", 1)[1] in ("qweight", "scale", "zero", "g_idx"))
+        parts = (tensors.get(f"{name}.{k}") for k in ("qweight", "scale", "zero", "g_idx"))
+        saved += sum(t.numel() * t.element_size() for t in parts if t is not None)
         bf16 += 2 * e["shape"][0] * e["shape"][1]
     return {"quantized_linears_bytes": saved, "bf16_bytes": bf16, "ratio": saved / bf16 if bf16 else None}
 
@@ -211,11 +209,16 @@ def write_dir_atomically(out: Path, fill) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def check_save_dir(out: Path) -> None:
+    """A save may only replace a saved model, never another directory."""
+    if out.exists() and not (out / QUANT_CONFIG).exists():
+        raise QuantizedLoadError(f"--save_dir {out} exists and is not a saved quantized model; choose a new directory")
+
+
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, run_config: dict) -> dict:
     """Write the quantized model to `out_dir` (replacing a saved model there, never anything else)."""
     out = Path(out_dir)
-    if out.exists() and not (out / QUANT_CONFIG).exists():
-        raise QuantizedLoadError(f"--save_dir {out} exists and is not a saved quantized model; choose a new directory")
+    check_save_dir(out)
     tensors, meta = module_state(model)
     size = packed_size(tensors, meta)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")

@@ -75,11 +75,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
 
 def fake_quant(x: torch.Tensor, bits: int, sym: bool = False, clip: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Quantize-dequantize each row of the last dimension; returns x itself when bits >= 16."""
-    check_bits(bits)
-    if bits >= 16:
-        return x
-    scale, zero = quant_params(x, bits, sym, clip)
-    return dequantize(quantize(x, scale, zero, bits, sym), scale, zero).to(x.dtype)
+    return quantize_with_grid(x, bits, sym, clip).weight
 
 
 def mse_clip_search(
@@ -152,8 +148,9 @@ class QuantizedWeight:
         return qw
 
 
-def quantize_weight(w: torch.Tensor, bits: int, sym: bool, clip: float | torch.Tensor) -> QuantizedWeight:
-    """`fake_quant` that also returns the grid (same arithmetic, same result)."""
+def quantize_with_grid(w: torch.Tensor, bits: int, sym: bool, clip: float | torch.Tensor) -> QuantizedWeight:
+    """Quantize-dequantize each row of the last dimension, keeping the grid (`fake_quant` is its weight)."""
+    check_bits(bits)
     if bits >= 16:
         return QuantizedWeight(w)
     scale, zero = quant_params(w, bits, sym, clip)
@@ -188,7 +185,7 @@ class WeightQuantizer:
         return self.quantize(w).weight
 
     def quantize(self, w: torch.Tensor) -> QuantizedWeight:
-        return quantize_weight(w, self.bits, self.sym, self._ratio(w) if self.bits < 16 else 1.0)
+        return quantize_with_grid(w, self.bits, self.sym, self._ratio(w) if self.bits < 16 else 1.0)
 
     def params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quant_params(w, self.bits, self.sym, self._ratio(w))

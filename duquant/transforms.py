@@ -9,8 +9,9 @@ activations and weights whose outliers have been flattened. `inverse_act` undoes
 (for tests and diagnostics). Parameters are buffers, so they travel with state_dict, and
 they are stored compactly: a vector of scales, an index vector, b x b blocks. Each
 method computes in the wider of the input's and the buffer's dtype and returns the
-input's dtype, on the input's device (statistics and fits live on the CPU, a layer may not). The fitting functions work in float64 and return buffers in the dtype of
-their input statistics (the model dtype), as QuaRot does.
+input's dtype, on the input's device (statistics and fits live on the CPU, a layer may
+not). The fitting functions work in float64 and return buffers in the dtype of their
+input statistics (the model dtype), as QuaRot does.
 
 DuQuant is Compose([Smooth, BlockRotation R1, Permutation (zigzag), BlockRotation R2]),
 built by `fit_duquant`.
@@ -238,6 +239,14 @@ def _blocks_of(x: torch.Tensor, b: int) -> torch.Tensor:
     return einops.rearrange(x.reshape(-1, x.shape[-1])[:, : n * b].double(), "t (n b) -> n t b", b=b)
 
 
+def _stack_candidates(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The candidate rows of every site's blocks [n_i, T, b], zero-padded to one row count and
+    stacked into [sum n_i, rows, b] (zero rows never hold a block's max, see `_candidate_rows`)."""
+    heads = [_candidate_rows(p) for p in parts]
+    rows = max(h.shape[1] for h in heads)
+    return torch.cat([torch.nn.functional.pad(h, (0, 0, 0, rows - h.shape[1])) for h in heads])
+
+
 def fit_block_rotations(
     xs: list[torch.Tensor], block_size: int = 128, max_steps: int = 256, seed: int = 0, shared: bool = False
 ) -> list[BlockRotation]:
@@ -258,16 +267,12 @@ def fit_block_rotations(
     if shared:
         blocks = [_greedy_rotation(_blocks_of(x, b).contiguous(), max_steps, g, True) for x in xs]
     else:
-        heads = [_candidate_rows(_blocks_of(x, b)) for x in xs]
-        rows = max(h.shape[1] for h in heads)
-        stacked = torch.cat([torch.nn.functional.pad(h, (0, 0, 0, rows - h.shape[1])) for h in heads])
+        stacked = _stack_candidates([_blocks_of(x, b) for x in xs])
         blocks = list(_greedy_rotation(stacked, max_steps, g, False).split(n))
     tails: list[torch.Tensor | None] = [None] * len(xs)
     if r:
         g_tail = _spreading_matrix(r, seed).to(device)
-        parts = [_candidate_rows(x.reshape(-1, c)[None, :, n * b :].double()) for x in xs]
-        rows = max(t.shape[1] for t in parts)
-        stacked = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, rows - t.shape[1])) for t in parts])
+        stacked = _stack_candidates([x.reshape(-1, c)[None, :, n * b :].double() for x in xs])
         tails = list(_greedy_rotation(stacked, max_steps, g_tail, False))
     return [BlockRotation(bl.to(x.dtype), None if t is None else t.to(x.dtype)) for bl, t, x in zip(blocks, tails, xs)]
 

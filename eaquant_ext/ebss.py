@@ -29,16 +29,10 @@ import torch
 from tqdm import tqdm
 
 from duquant.diagnostics import expert_balance_std
-from models.spec import ModelSpec, decoder_layers, get_module
+from models.spec import ModelSpec, moe_routers
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = Path("results") / "ebss_cache"
-
-
-def _routers(model, spec: ModelSpec) -> list:
-    layers = decoder_layers(model, spec)
-    return [get_module(layer, f"{spec.mlp}.{spec.router}") for i, layer in enumerate(layers)
-            if spec.is_moe_layer(model.config, i)]
 
 
 def beam_balance_std(counts: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -82,7 +76,7 @@ def ebss_generate(model, spec: ModelSpec, nsamples: int, seqlen: int, tau: float
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     vocab = model.get_output_embeddings().weight.shape[0]
-    routers = _routers(model, spec)
+    routers = moe_routers(model, spec)
     num_experts = getattr(model.config, spec.num_experts_attr)
     top_k = getattr(model.config, spec.top_k_attr)
     banned = torch.tensor(sorted(set(banned_ids) & set(range(vocab))), dtype=torch.long, device=device)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from duquant.config import QuantConfig
-from duquant.quantizer import QuantizedWeight, fake_quant, quantize_weight
+from duquant.quantizer import QuantizedWeight, fake_quant, quantize_with_grid
 from models.spec import LayerView
 
 
@@ -69,7 +69,7 @@ def align_router(weight: torch.Tensor, x: torch.Tensor, quant: QuantConfig, top_
                 best, q_logits, ratios[e], w_q[e] = scores[j].item(), trials[j], candidates[j], rows[j]
     aligned = routing_metrics(fp_logits, q_logits, top_k)
     aligned["objective"] = best
-    quantized = quantize_weight(w, quant.router_wbits, quant.w_sym, ratios)  # row by row what w_q holds
+    quantized = quantize_with_grid(w, quant.router_wbits, quant.w_sym, ratios)  # row by row what w_q holds
     quantized.weight = quantized.weight.to(weight.dtype)
     return quantized, ratios.squeeze(1), {"default": default, "aligned": aligned, "kl_experts": m}
 

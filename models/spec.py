@@ -113,6 +113,12 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path)
 
 
+def moe_routers(model: nn.Module, spec: ModelSpec) -> list[nn.Module]:
+    """The router of every MoE layer, in layer order (dense layers have none)."""
+    return [get_module(layer, f"{spec.mlp}.{spec.router}") for i, layer in enumerate(decoder_layers(model, spec))
+            if spec.is_moe_layer(model.config, i)]
+
+
 def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, new)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.registry import get_spec
-from models.spec import decoder_layers, get_module
+from models.spec import moe_routers
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "data" / "train_corpus" / "gutenberg_en.jsonl.gz"
@@ -121,16 +121,6 @@ def balance_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
         chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, n_exp).sum(1).float()
         losses.append(n_exp * (chosen.mean(0) / top_k * probs.mean(0)).sum())
     return torch.stack(losses).mean()
-
-
-def router_modules(model) -> list[torch.nn.Module]:
-    spec = get_spec(model)
-    layers = decoder_layers(model, spec)
-    return [
-        get_module(layer, f"{spec.mlp}.{spec.router}")
-        for i, layer in enumerate(layers)
-        if spec.is_moe_layer(model.config, i)
-    ]
 
 
 @torch.no_grad()
@@ -270,7 +260,7 @@ def main(argv=None) -> None:
     train = token_stream(tokenizer, "train", data_dir / "train_tokens.npy", limit)
     val = token_stream(tokenizer, "validation", data_dir / "val_tokens.npy", limit)
     captured: list[torch.Tensor] = []
-    routers = router_modules(model)
+    routers = moe_routers(model, get_spec(model))
     for r in routers:
         r.register_forward_hook(lambda mod, inp, out: captured.append(out[0]))
     top_k = routers[0].top_k
