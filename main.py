@@ -63,6 +63,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue a killed run from the layer checkpoints in <output_dir>/partial "
                         "(--no-resume discards them and starts over)")
+    g.add_argument("--stream", action="store_true",
+                   help="read decoder layers from the safetensors checkpoint one at a time (models larger than RAM)")
+    g.add_argument("--stream_dir", type=Path, default=None,
+                   help="with --stream, where quantized layers are kept between passes (default: a temporary directory)")
     g.add_argument("--load", type=Path, default=None,
                    help="evaluate a model saved with --save_dir instead of quantizing (no recalibration)")
     g = p.add_argument_group("data")
@@ -333,11 +337,16 @@ def run(args) -> dict:
     method = method_name(args, ea, mq, gptq)
     if args.method == "fp" and args.save_dir is not None:
         raise ConfigError("--save_dir writes a quantized model; --method fp has none (the checkpoint is the FP model)")
+    if args.stream and args.save_dir is not None:
+        raise ConfigError("--save_dir assembles the packed model in memory and cannot run with --stream yet; the "
+                          "quantized layers are in <output_dir>/partial (layer checkpoints)")
+    if args.stream_dir is not None and not args.stream:
+        raise ConfigError("--stream_dir only applies with --stream; add --stream or drop --stream_dir")
     device, dtype = device_and_dtype(args)
     seed_everything(args.seed)
     timings: dict[str, float] = {}
     t = time.time()
-    model, tokenizer = load_model(args.model, dtype)
+    model, tokenizer = load_model(args.model, dtype, stream=args.stream, spill_dir=args.stream_dir)
     spec = get_spec(model)
     timings["load"] = time.time() - t
     max_pos = getattr(model.config, "max_position_embeddings", args.seqlen)
@@ -425,8 +434,8 @@ def run(args) -> dict:
 
 
 # Run options that change the quantized model; a partial run resumes only if they are all the same.
-EVAL_ONLY = {"output_dir", "save_dir", "load", "resume", "eval_ppl", "eval_ppl_list", "ppl_samples", "eval_batch_size",
-             "compare_fp", "tasks", "tasks_list", "limit", "plots", "plot_layer", "device", "given"}
+EVAL_ONLY = {"output_dir", "save_dir", "load", "resume", "stream", "stream_dir", "eval_ppl", "eval_ppl_list",
+             "ppl_samples", "eval_batch_size", "compare_fp", "tasks", "tasks_list", "limit", "plots", "plot_layer", "device", "given"}
 
 
 def checkpoint_dir(out_dir: Path, config: dict, resume: bool) -> Path:

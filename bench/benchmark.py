@@ -1,12 +1,13 @@
 """Speed and memory of the pipeline as ratios that transfer across machines.
 
-    python bench/benchmark.py --model demo-mixtral --nsamples 32 --seqlen 512 --rotation_tokens 512
+    python bench/benchmark.py --model demo-mixtral --nsamples 32 --seqlen 512 --rotation_tokens 512 [--stream]
 
 - quantization wall time / one FP forward pass over the same calibration set (target <= 5x),
 - fake-quant evaluation throughput / FP throughput (target >= 0.5x),
 - peak RSS above the interpreter's own (torch and libraries loaded, no model) / model size
   (target <= 1.5x; the interpreter's ~0.4 GB would dwarf a 78 MB model otherwise).
-Each phase runs in a fresh process so peak RSS is its own.
+Each phase runs in a fresh process so peak RSS is its own. --stream reads the decoder layers from
+disk one at a time (main.py --stream), so the model itself no longer has to fit in memory.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def phase(args) -> dict:
     from models import get_spec, load_model
 
     rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, stream=args.stream)
     spec = get_spec(model)
     size_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     calib = calibration_segments("c4", tok, args.nsamples, args.seqlen, 0)
@@ -62,6 +63,7 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval_windows", type=int, default=40)
     p.add_argument("--rotation_tokens", type=int, default=2048, help="rows per site for the rotation search")
+    p.add_argument("--stream", action="store_true", help="decoder layers read from disk one at a time")
     p.add_argument("--phase", choices=["quantize"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.phase:
@@ -69,7 +71,7 @@ def main() -> None:
         return
     cmd = [sys.executable, __file__, "--model", args.model, "--nsamples", str(args.nsamples),
            "--seqlen", str(args.seqlen), "--eval_windows", str(args.eval_windows),
-           "--rotation_tokens", str(args.rotation_tokens), "--phase", "quantize"]
+           "--rotation_tokens", str(args.rotation_tokens), "--phase", "quantize"] + ["--stream"] * args.stream
     r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     ratios = {
         "quantization / FP pass": r["quantize_s"] / r["fp_pass_s"],
@@ -77,7 +79,8 @@ def main() -> None:
         "(peak RSS - interpreter RSS) / model size": (r["peak_rss_mb"] - r["rss_before_load_mb"]) / r["model_mb"],
     }
     print(json.dumps(r, indent=2))
-    print(f"\n| {args.model}, {args.nsamples} x {args.seqlen} calibration, torch {torch.__version__} | ratio |\n|---|---|")
+    print(f"\n| {args.model}{' (streamed)' if args.stream else ''}, {args.nsamples} x {args.seqlen} calibration, "
+          f"torch {torch.__version__} | ratio |\n|---|---|")
     for k, v in ratios.items():
         print(f"| {k} | {v:.2f} |")
 

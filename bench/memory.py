@@ -2,6 +2,7 @@
 
     python bench/memory.py --preset mixtral-8x7b --nsamples 128 --seqlen 2048 --gptq   # formula only
     python bench/memory.py --model demo-mixtral --nsamples 32 --seqlen 512 --measure   # formula vs measured
+    python bench/memory.py --model demo-mixtral --stream --measure                     # layers read from disk
 
 Only one decoder layer and the calibration activations live on the accelerator, so
     device peak ~ largest layer's weights
@@ -9,9 +10,11 @@ Only one decoder layer and the calibration activations live on the accelerator, 
                 + 2 x largest matrix in fp32                   (the transformed working copy and its quantized result)
                 + with --gptq: 4 bytes x in^2 per Hessian of the largest layer (one per expert and input)
     host peak   ~ the whole model + the sampled statistics (rotation_tokens rows per site, fp32)
-                (+ the device terms above when the device is the CPU).
---measure quantizes the model on --device and prints the formula next to what the run used: the
-allocator's peak on a GPU, and on the CPU the peak RSS growth during quantization.
+                (+ the device terms above when the device is the CPU);
+                with --stream the whole model is replaced by what lives outside the decoder layers
+                (embeddings, head) plus the one layer read from disk.
+--measure loads and quantizes the model on --device and prints the formula next to what the run
+used: the allocator's peak on a GPU, and the peak RSS above the interpreter's on the host.
 """
 from __future__ import annotations
 
@@ -51,7 +54,8 @@ def distinct_inputs(mats: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
     return widths + [(1, max(w for c, w in widths if c == 1))]
 
 
-def predict(model, spec, nsamples: int, seqlen: int, rotation_tokens: int, gptq: bool, cpu: bool) -> dict:
+def predict(model, spec, nsamples: int, seqlen: int, rotation_tokens: int, gptq: bool, cpu: bool,
+            stream: bool = False) -> dict:
     from models.spec import decoder_layers
 
     layers = decoder_layers(model, spec)
@@ -69,8 +73,10 @@ def predict(model, spec, nsamples: int, seqlen: int, rotation_tokens: int, gptq:
     model_bytes = sum(p.numel() for p in model.parameters()) * wbytes
     stats = sum(count * rotation_tokens * width * 4 for count, width in distinct_inputs(mats))
     device = sum(d.values())
-    host = model_bytes + stats + (device - d["layer_weights"] if cpu else 0)
-    return {"model_bytes": model_bytes, **d, "stats": stats, "device_peak": device, "host_peak": host}
+    resident = model_bytes - (sum(per_layer) - per_layer[big]) * wbytes if stream else model_bytes
+    host = resident + stats + (device - d["layer_weights"] if cpu else 0)
+    return {"model_bytes": model_bytes, "host_model_bytes": resident, **d, "stats": stats,
+            "device_peak": device, "host_peak": host}
 
 
 def rss_bytes(field: str) -> int:
@@ -91,6 +97,7 @@ def main() -> None:
     p.add_argument("--gptq", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--measure", action="store_true")
+    p.add_argument("--stream", action="store_true", help="decoder layers read from disk one at a time (main.py --stream)")
     args = p.parse_args()
     from models import get_spec, load_model
 
@@ -104,13 +111,16 @@ def main() -> None:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         tok = None
     else:
-        model, tok = load_model(args.model or "demo-mixtral", dtype)
+        Path("/proc/self/clear_refs").write_text("5")  # restart the RSS high-water mark here
+        interpreter = rss_bytes("VmRSS")
+        model, tok = load_model(args.model or "demo-mixtral", dtype, stream=args.stream)
     spec = get_spec(model)
     cpu = torch.device(args.device).type == "cpu"
-    pred = predict(model, spec, args.nsamples, args.seqlen, args.rotation_tokens, args.gptq, cpu)
+    pred = predict(model, spec, args.nsamples, args.seqlen, args.rotation_tokens, args.gptq, cpu, args.stream)
     name = args.preset or args.model or "demo-mixtral"
     print(f"{name}: {sum(x.numel() for x in model.parameters()) / 1e9:.2f}B params in {args.dtype}, "
-          f"{args.nsamples} x {args.seqlen} calibration tokens{', GPTQ' if args.gptq else ''}, device {args.device}")
+          f"{args.nsamples} x {args.seqlen} calibration tokens{', GPTQ' if args.gptq else ''}, device {args.device}"
+          f"{', layers streamed from disk' if args.stream else ''}")
     print("| term | GiB |\n|---|---|")
     for k, v in pred.items():
         print(f"| {k} | {v / GiB:.3f} |")
@@ -123,15 +133,13 @@ def main() -> None:
     from duquant.pipeline import quantize_model
 
     calib = calibration_segments("c4", tok, args.nsamples, args.seqlen, 0)
-    Path("/proc/self/clear_refs").write_text("5")  # restart the RSS high-water mark here
-    before = rss_bytes("VmRSS")
     t = time.time()
     quantize_model(model, spec, calib, QuantConfig(4, 4), DuQuantConfig(rotation_tokens=args.rotation_tokens),
                    device=args.device, gptq=GPTQConfig() if args.gptq else None)
     seconds = time.time() - t
-    grown = rss_bytes("VmHWM") - before
-    print(f"\nmeasured ({seconds:.0f} s): host peak RSS growth during quantization {grown / GiB:.3f} GiB "
-          f"(formula, without the model already loaded: {(pred['host_peak'] - pred['model_bytes']) / GiB:.3f} GiB)")
+    grown = rss_bytes("VmHWM") - interpreter
+    print(f"\nmeasured ({seconds:.0f} s): host peak RSS above the interpreter's, loading and quantizing, "
+          f"{grown / GiB:.3f} GiB (formula {pred['host_peak'] / GiB:.3f} GiB)")
     if not cpu:
         print(f"device allocator peak {torch.cuda.max_memory_allocated() / GiB:.3f} GiB "
               f"(formula {pred['device_peak'] / GiB:.3f} GiB)")

@@ -48,14 +48,32 @@ def ppl_text(name: str) -> str:
     raise DataError(f"unknown perplexity dataset {name!r}; choose from {', '.join(PPL_DATASETS)}")
 
 
+def _leading_tokens(tokenizer, text: str, count: int | None, margin: int = 64) -> torch.Tensor:
+    """The first `count` tokens of `text` (all of them for None), tokenizing only a prefix.
+
+    Tokenizing a whole test set for a few windows costs seconds and hundreds of MB. Tokens of a
+    prefix equal the full text's except near the cut (a word split by it), so the prefix grows
+    until it yields `margin` tokens beyond the `count` kept.
+    """
+    chars = len(text) if count is None else 8 * (count + margin)
+    while True:
+        ids = tokenizer(text[:chars], return_tensors="pt", verbose=False).input_ids[0]
+        if chars >= len(text):
+            return ids if count is None else ids[:count]
+        if ids.numel() >= count + margin:
+            return ids[:count]
+        chars *= 2
+
+
 def ppl_segments(name: str, tokenizer, seqlen: int, max_segments: int | None = None) -> torch.Tensor:
     """Non-overlapping seqlen windows [n, seqlen]; C4 keeps at most 256 (GPTQ), fewer if the text is short."""
-    ids = tokenizer(ppl_text(name), return_tensors="pt", verbose=False).input_ids[0]
-    if name == "c4":
-        ids = ids[: C4_PPL_SEGMENTS * seqlen]
-    n = ids.numel() // seqlen
+    cap = C4_PPL_SEGMENTS if name == "c4" else None
     if max_segments is not None:
-        n = min(n, max_segments)
+        cap = max_segments if cap is None else min(cap, max_segments)
+    ids = _leading_tokens(tokenizer, ppl_text(name), None if cap is None else cap * seqlen)
+    n = ids.numel() // seqlen
+    if cap is not None:
+        n = min(n, cap)
     if n == 0:
         raise DataError(f"{name} has {ids.numel()} tokens, fewer than one window of seqlen {seqlen}; lower --seqlen")
     return ids[: n * seqlen].view(n, seqlen)

@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from models.spec import ModelSpec, decoder_layers
 
-from .layerwise import capture_layer_inputs, head_nll, run_layer
+from .layerwise import capture_layer_inputs, head_nll, layer_on, run_layer
 
 
 @torch.no_grad()
@@ -16,10 +16,8 @@ def perplexity(model, spec: ModelSpec, segments: torch.Tensor, device="cpu", bat
     """Layer by layer, so only one decoder layer at a time needs the accelerator."""
     device = torch.device(device)
     hidden, kwargs = capture_layer_inputs(model, spec, segments, device, batch_size)
-    for layer in tqdm(decoder_layers(model, spec), desc=desc, leave=False):
-        layer.to(device)
-        hidden = run_layer(layer, hidden, kwargs)
-        if device.type != "cpu":
-            layer.to("cpu")
+    for i in tqdm(range(len(decoder_layers(model, spec))), desc=desc, leave=False):
+        with layer_on(model, spec, i, device) as layer:
+            hidden = run_layer(layer, hidden, kwargs)
     nll = head_nll(model, spec, hidden, segments, device)
     return math.exp(nll.mean().item())

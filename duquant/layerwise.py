@@ -6,7 +6,7 @@ share this runner, which keeps their numerics identical.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -55,6 +55,24 @@ def non_layer_modules_on(model: nn.Module, spec: ModelSpec, device: torch.device
             t.data = t.data.to(d)
 
 
+@contextmanager
+def layer_on(model: nn.Module, spec: ModelSpec, index: int, device: torch.device, changed: bool = False):
+    """Decoder layer `index` on `device` for the block, and back on the CPU after it.
+
+    A streamed model (`models.lazy`) reads the layer from disk first and releases it after; pass
+    `changed` when the block quantizes it, so the changed layer is kept (spilled) for later passes.
+    """
+    stream = getattr(model, "layer_stream", None)
+    with stream.hold(index, changed) if stream is not None else nullcontext():
+        layer = decoder_layers(model, spec)[index]
+        layer.to(device)
+        try:
+            yield layer
+        finally:
+            if device.type != "cpu":
+                layer.to("cpu")
+
+
 @torch.no_grad()
 def capture_layer_inputs(model, spec: ModelSpec, input_ids: torch.Tensor, device, batch_size: int = 1):
     """First decoder layer's inputs, one tensor per batch of `input_ids`, and the shared kwargs."""
@@ -96,16 +114,17 @@ def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> lis
 
 @torch.no_grad()
 def head_nll(model, spec: ModelSpec, hidden: list[torch.Tensor], input_ids: torch.Tensor, device) -> torch.Tensor:
-    """Per-window mean next-token NLL from the last layer's outputs."""
+    """Per-window mean next-token NLL from the last layer's outputs.
+
+    One window at a time: a batch's fp32 logits (and the log-softmax beside them) are the largest
+    tensors of an evaluation, vocab / hidden times the hidden states (32x for the zoo).
+    """
     norm, head = get_module(model, spec.final_norm), get_module(model, spec.lm_head)
-    nlls, s = [], 0
+    nlls = []
+    windows = (w for h in hidden for w in h)
     with non_layer_modules_on(model, spec, device):
-        for h in hidden:
-            ids = input_ids[s : s + h.shape[0]].to(device)
-            s += h.shape[0]
-            logits = head(norm(h)).float()
-            nll = nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none"
-            ).view(h.shape[0], -1)
-            nlls.append(nll.mean(1).cpu())
-    return torch.cat(nlls)
+        for h, ids in zip(windows, input_ids):
+            logits = head(norm(h[None])).float()[0]
+            nll = nn.functional.cross_entropy(logits[:-1], ids[1:].to(device))
+            nlls.append(nll.cpu())
+    return torch.stack(nlls)

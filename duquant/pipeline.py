@@ -29,7 +29,7 @@ from models.spec import LayerView, MLPView, ModelSpec, decoder_layers, resolve
 from . import kvquant, resume
 from .config import DuQuantConfig, GPTQConfig, QuantConfig
 from .gptq import Hessian, gptq_quantize, output_cosine
-from .layerwise import capture_layer_inputs, run_layer
+from .layerwise import capture_layer_inputs, layer_on, run_layer
 from .qlinear import QLinear, unwrap
 from .quantizer import ActQuantizer, QuantizedWeight, WeightQuantizer
 from .stats import LayerStats, collect
@@ -444,7 +444,6 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: Quant
     device = torch.device(device)
     report = Report()
     t0 = time.time()
-    unfuse_experts(model, spec)
     if quant.kv_bits < 16:
         kvquant.enable(model)
     inps, kwargs = capture_layer_inputs(model, spec, calib_ids, device, batch_size=1)
@@ -452,61 +451,60 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: Quant
     report.timings["capture"] = time.time() - t0
     fit_time = stats_time = gptq_time = ckpt_time = 0.0
     report.resumed_from = resume.finished_layers(checkpoint_dir)
-    for i, layer in enumerate(tqdm(decoder_layers(model, spec), desc=f"quantize {quant.tag}")):
-        if i < report.resumed_from:
+    for i in tqdm(range(len(decoder_layers(model, spec))), desc=f"quantize {quant.tag}"):
+        with layer_on(model, spec, i, device, changed=True) as layer:
+            unfuse_experts(model, spec, i)
+            if i < report.resumed_from:
+                t = time.time()
+                report.layers.append(resume.restore_layer(checkpoint_dir, i, layer))
+                if i == report.resumed_from - 1:
+                    inps, extra = resume.load_inputs(checkpoint_dir)
+                ckpt_time += time.time() - t
+                continue
+            view = resolve(spec, layer, model.config, i)
             t = time.time()
-            report.layers.append(resume.restore_layer(checkpoint_dir, i, layer))
-            if i == report.resumed_from - 1:
-                inps, extra = resume.load_inputs(checkpoint_dir)
-            ckpt_time += time.time() - t
-            continue
-        layer.to(device)
-        view = resolve(spec, layer, model.config, i)
-        t = time.time()
-        with collect(hooked_sites(view), view.router, view.num_experts, cfg.rotation_tokens, seed + i) as stats, \
-                route_all_tokens(model, spec, enabled=route_all and view.is_moe):
-            run_layer(layer, inps, kwargs)
+            with collect(hooked_sites(view), view.router, view.num_experts, cfg.rotation_tokens, seed + i) as stats, \
+                    route_all_tokens(model, spec, enabled=route_all and view.is_moe, layer=i):
+                run_layer(layer, inps, kwargs)
+                if extra and view.is_moe:
+                    routed = {m for e in view.experts for m in (e.gate_proj, e.down_proj)}
+                    stats.frozen = {m for m in stats.inputs if m not in routed} | {None}
+                    run_layer(layer, extra, kwargs)
+            stats_time += time.time() - t
+            t = time.time()
+            info = {"layer": i, "moe": view.is_moe}
             if extra and view.is_moe:
-                routed = {m for e in view.experts for m in (e.gate_proj, e.down_proj)}
-                stats.frozen = {m for m in stats.inputs if m not in routed} | {None}
-                run_layer(layer, extra, kwargs)
-        stats_time += time.time() - t
-        t = time.time()
-        info = {"layer": i, "moe": view.is_moe}
-        if extra and view.is_moe:
-            info["expert_tokens_balanced"] = [stats[e.gate_proj].count for e in view.experts]
-        lq = LayerQuantizer(quant, cfg, ext, seed + i, defer=gptq is not None, profile=i == profile_layer)
-        layer_info, fp_router = quantize_layer(view, stats, lq)
-        info.update(layer_info)
-        if quant.kv_bits < 16:
-            view.attn.kv_quant = kvquant.KVQuant(quant.kv_bits, view.attn.head_dim, quant.a_sym, 1.0).to(device)
-        fit_time += time.time() - t
-        if gptq is not None:
-            def run(extra_pass: bool, layer=layer, view=view) -> None:
-                if extra_pass and not (extra and view.is_moe):
-                    return
-                with route_all_tokens(model, spec, enabled=route_all and view.is_moe):
-                    run_layer(layer, extra if extra_pass else inps, kwargs)
-            info["gptq"] = gptq_layer(layer, view, lq.deferred, gptq, ext, run)
-            gptq_time += info["gptq"]["seconds"]
-        if view.is_moe:
-            info["expert_tokens"] = stats.router.counts.tolist()
-            agreement = RoutingAgreement(fp_router, view.top_k)
-            handle = view.mlp.get_submodule(spec.router).register_forward_hook(agreement)
-        t = time.time()
-        inps = run_layer(layer, inps, kwargs)
-        if view.is_moe:
-            handle.remove()
-            info.update(agreement.summary())
-        extra = run_layer(layer, extra, kwargs)
-        stats_time += time.time() - t
-        report.layers.append(info)
-        if device.type != "cpu":
-            layer.to("cpu")
-        if checkpoint_dir is not None:
+                info["expert_tokens_balanced"] = [stats[e.gate_proj].count for e in view.experts]
+            lq = LayerQuantizer(quant, cfg, ext, seed + i, defer=gptq is not None, profile=i == profile_layer)
+            layer_info, fp_router = quantize_layer(view, stats, lq)
+            info.update(layer_info)
+            if quant.kv_bits < 16:
+                view.attn.kv_quant = kvquant.KVQuant(quant.kv_bits, view.attn.head_dim, quant.a_sym, 1.0).to(device)
+            fit_time += time.time() - t
+            if gptq is not None:
+                def run(extra_pass: bool, layer=layer, view=view) -> None:
+                    if extra_pass and not (extra and view.is_moe):
+                        return
+                    with route_all_tokens(model, spec, enabled=route_all and view.is_moe, layer=i):
+                        run_layer(layer, extra if extra_pass else inps, kwargs)
+                info["gptq"] = gptq_layer(layer, view, lq.deferred, gptq, ext, run)
+                gptq_time += info["gptq"]["seconds"]
+            if view.is_moe:
+                info["expert_tokens"] = stats.router.counts.tolist()
+                agreement = RoutingAgreement(fp_router, view.top_k)
+                handle = view.mlp.get_submodule(spec.router).register_forward_hook(agreement)
             t = time.time()
-            resume.save_layer(checkpoint_dir, i, layer, info, inps, extra)
-            ckpt_time += time.time() - t
+            inps = run_layer(layer, inps, kwargs)
+            if view.is_moe:
+                handle.remove()
+                info.update(agreement.summary())
+            extra = run_layer(layer, extra, kwargs)
+            stats_time += time.time() - t
+            report.layers.append(info)
+            if checkpoint_dir is not None:
+                t = time.time()
+                resume.save_layer(checkpoint_dir, i, layer, info, inps, extra)
+                ckpt_time += time.time() - t
     report.timings.update(statistics_and_propagation=stats_time, fitting=fit_time, total=time.time() - t0)
     if checkpoint_dir is not None:
         report.timings["checkpoints"] = ckpt_time

@@ -14,7 +14,7 @@ import logging
 import torch
 from tqdm import tqdm
 
-from duquant.layerwise import capture_layer_inputs, run_layer
+from duquant.layerwise import capture_layer_inputs, layer_on, run_layer
 from models.spec import ModelSpec, decoder_layers, get_module
 
 log = logging.getLogger(__name__)
@@ -26,21 +26,19 @@ def routing_counts(model, spec: ModelSpec, ids: torch.Tensor, device="cpu") -> t
     device = torch.device(device)
     hidden, kwargs = capture_layer_inputs(model, spec, ids, device, batch_size=1)
     per_layer = []
-    for i, layer in enumerate(tqdm(decoder_layers(model, spec), desc="routing counts", leave=False)):
-        layer.to(device)
-        if spec.is_moe_layer(model.config, i):
-            router = get_module(layer, f"{spec.mlp}.{spec.router}")
-            n_exp = getattr(model.config, spec.num_experts_attr)
-            seen: list[torch.Tensor] = []
-            handle = router.register_forward_hook(
-                lambda m, a, out: seen.append(torch.bincount(out[2].reshape(-1).cpu(), minlength=n_exp)))
-            hidden = run_layer(layer, hidden, kwargs)
-            handle.remove()
-            per_layer.append(torch.stack(seen))
-        else:
-            hidden = run_layer(layer, hidden, kwargs)
-        if device.type != "cpu":
-            layer.to("cpu")
+    for i in tqdm(range(len(decoder_layers(model, spec))), desc="routing counts", leave=False):
+        with layer_on(model, spec, i, device) as layer:
+            if spec.is_moe_layer(model.config, i):
+                router = get_module(layer, f"{spec.mlp}.{spec.router}")
+                n_exp = getattr(model.config, spec.num_experts_attr)
+                seen: list[torch.Tensor] = []
+                handle = router.register_forward_hook(
+                    lambda m, a, out: seen.append(torch.bincount(out[2].reshape(-1).cpu(), minlength=n_exp)))
+                hidden = run_layer(layer, hidden, kwargs)
+                handle.remove()
+                per_layer.append(torch.stack(seen))
+            else:
+                hidden = run_layer(layer, hidden, kwargs)
     return torch.stack(per_layer, dim=1)
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from . import deepseek_moe  # noqa: F401  (registers DeepSeek-MoE v1 with the Auto classes)
+from .errors import ModelLoadError
+from .lazy import LayerStream, LazyCheckpoint, set_tensor
 from .registry import SPECS, get_spec
 from .spec import LayerView, MLPView, ModelSpec, decoder_layers, resolve
 
@@ -30,10 +32,6 @@ __all__ = [
 ]
 
 
-class ModelLoadError(RuntimeError):
-    """A model that cannot be found or loaded; the message is one line that names the fix."""
-
-
 def _demo_list() -> str:
     return ", ".join(sorted(ZOO)) + ", tiny-<arch> (random, for smoke tests)"
 
@@ -51,11 +49,42 @@ def resolve_model_name(name: str) -> str:
     return PAPER_CHECKPOINTS.get(name, name)
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32):
-    """Load (model, tokenizer) on the CPU; the pipeline moves one decoder layer at a time to the device."""
+def _stream_model(path: str, dtype: torch.dtype, spill_dir: str | None):
+    """The model with decoder-layer weights on the meta device and a `LayerStream` over its checkpoint;
+    everything outside the decoder layers (embeddings, final norm, head, rotary tables) is loaded."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if type(model).__name__ not in SPECS:
+        raise ModelLoadError(f"unsupported model class {type(model).__name__}; supported: {', '.join(sorted(SPECS))}")
+    spec = get_spec(model)
+    tied = spec.lm_head + ".weight" if getattr(config, "tie_word_embeddings", False) else None
+    checkpoint = LazyCheckpoint(path, config.model_type)
+    for name, t in model.state_dict(keep_vars=True).items():
+        if not name.startswith(spec.layers + ".") and name != tied:
+            set_tensor(model, name, checkpoint.tensor(name).to(t.dtype))
+    if tied:
+        model.tie_weights()
+    model.layer_stream = LayerStream(decoder_layers(model, spec), spec.layers, checkpoint, spill_dir)
+    return model
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, stream: bool = False, spill_dir: str | None = None):
+    """Load (model, tokenizer) on the CPU; the pipeline moves one decoder layer at a time to the device.
+
+    With `stream`, the decoder layers are read from the safetensors checkpoint one at a time
+    instead (`models.lazy`), for models larger than RAM; changed layers are spilled to
+    `spill_dir` (default: a temporary directory).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name.startswith("tiny-"):
+        if stream:
+            raise ModelLoadError(f"--stream reads a checkpoint from disk and {name} is built in memory; "
+                                 "save it with save_pretrained and pass its directory")
         from .tiny import tiny_model
 
         return tiny_model(name.removeprefix("tiny-"), dtype=dtype)
@@ -63,8 +92,14 @@ def load_model(name: str, dtype: torch.dtype = torch.float32):
     looks_local = os.path.isabs(target) or target.startswith(".") or os.path.exists(target)
     if looks_local and not os.path.isdir(target):
         raise ModelLoadError(f"model path {target} does not exist; give a checkpoint directory, a hub id, or one of: {_demo_list()}")
+    if stream and not os.path.isdir(target):
+        raise ModelLoadError(f"--stream reads a local checkpoint directory and {target} is not one; download it first")
     try:
         tokenizer = AutoTokenizer.from_pretrained(target)
+        if stream:
+            model = _stream_model(target, dtype, spill_dir)
+            model.eval()
+            return model, tokenizer
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, device_map="cpu")
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -103,10 +103,15 @@ def moe_layer_paths(model: nn.Module, spec: ModelSpec) -> list[str]:
     ]
 
 
-def unfuse_experts(model: nn.Module, spec: ModelSpec) -> None:
-    """Replace every MoE layer's experts by `LinearExperts` (idempotent, exact)."""
+def _experts_paths(model: nn.Module, spec: ModelSpec, layer: int | None) -> list[str]:
+    return [p for p in moe_layer_paths(model, spec) if layer is None or p.split(".")[0] == str(layer)]
+
+
+def unfuse_experts(model: nn.Module, spec: ModelSpec, layer: int | None = None) -> None:
+    """Replace every MoE layer's experts (or only decoder layer `layer`'s) by `LinearExperts`
+    (idempotent, exact). One layer at a time lets a streamed layer be unfused once it is read."""
     layers = decoder_layers(model, spec)
-    for path in moe_layer_paths(model, spec):
+    for path in _experts_paths(model, spec, layer):
         set_module(layers, path, _as_linear_experts(get_module(layers, path), spec))
 
 
@@ -133,10 +138,12 @@ def fuse_experts(model: nn.Module, spec: ModelSpec) -> None:
 
 
 @contextmanager
-def route_all_tokens(model: nn.Module, spec: ModelSpec, enabled: bool = True, chunk: int = 4096):
-    """Calibration mode in which every expert sees every token (see `LinearExperts`)."""
+def route_all_tokens(model: nn.Module, spec: ModelSpec, enabled: bool = True, chunk: int = 4096,
+                     layer: int | None = None):
+    """Calibration mode in which every expert (of every MoE layer, or of decoder layer `layer`) sees
+    every token (see `LinearExperts`)."""
     layers = decoder_layers(model, spec)
-    experts = [get_module(layers, p) for p in moe_layer_paths(model, spec)]
+    experts = [get_module(layers, p) for p in _experts_paths(model, spec, layer)]
     if enabled and not all(isinstance(e, LinearExperts) for e in experts):
         raise RuntimeError("route_all_tokens needs unfused experts: call unfuse_experts(model, spec) first")
     for e in experts:

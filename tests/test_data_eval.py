@@ -27,6 +27,15 @@ def test_ppl_segments_shapes():
     assert ppl_segments("wikitext2", tok, 256, max_segments=3).shape == (3, 256)
 
 
+@pytest.mark.parametrize("name", ["wikitext2", "c4", "gutenberg"])
+def test_ppl_windows_from_a_prefix_equal_the_full_tokenization(name):
+    tok = tiny_tokenizer()
+    full = tok(ppl_text(name), return_tensors="pt", verbose=False).input_ids[0]
+    for seqlen, windows in [(128, 3), (256, 20), (2048, 5)]:
+        seg = ppl_segments(name, tok, seqlen, windows)
+        assert seg.shape == (windows, seqlen) and torch.equal(seg.flatten(), full[: seg.numel()])
+
+
 def test_calibration_is_seeded():
     tok = tiny_tokenizer()
     a = calibration_segments("c4", tok, 4, 128, seed=1)
