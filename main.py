@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 import random
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -39,6 +37,7 @@ from eaquant_ext.ebss import ebss_calibration
 from eaquant_ext.router_align import router_quantizer
 from eaquant_ext.smoothing import moe_smoothing
 from models import DEFAULT_MODEL, ModelLoadError, get_spec, load_model
+from models.files import write_file_atomically
 
 METHODS = ("fp", "rtn", "duquant", "eaquant")
 # `python main.py` with no arguments: sizes chosen to finish in minutes on 2 CPU cores.
@@ -247,11 +246,7 @@ def plot_layer(args, model) -> int:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    write_file_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
 
 
 def versions() -> dict:

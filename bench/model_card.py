@@ -93,7 +93,7 @@ def card(name: str, m: dict) -> str:
         f"| parameters | {m['params_m']:.2f}M ({m['layers']} layers, hidden {m['hidden']}) |",
         f"| checkpoint | {m['size_mb']:.1f} MB (bf16 safetensors) |",
         f"| training | {t.get('steps', '?')} steps, {t.get('tokens', 0) / 1e6:.1f}M tokens, {training_time(t)} |",
-        f"| tokenizer | byte-level BPE, 8192 tokens, BOS prepended to every sequence |",
+        "| tokenizer | byte-level BPE, 8192 tokens, BOS prepended to every sequence |",
     ]
     if hist:
         lines.append(f"| training-time held-out ppl (24 windows) | {hist[-1]['val_ppl']:.1f} at step {hist[-1]['step']} |")

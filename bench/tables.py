@@ -138,7 +138,7 @@ def ebss_tables(model_dir: Path) -> list[str]:
     if not path.exists():
         return []
     data = json.loads(path.read_text())
-    out = [f"#### R1-R3: calibration sets, expert-balance std (lower = more balanced) and perplexity under the FP model",
+    out = ["#### R1-R3: calibration sets, expert-balance std (lower = more balanced) and perplexity under the FP model",
            "", f"{data['nsamples']} x {data['seqlen']} tokens per set, seed {data['seed']}. R2 varies tau, R3 the width w.", "",
            "| calibration set | expert-balance std | set perplexity |", "|---|---|---|"]
     out += [f"| {r['set']} | {r['balance_std']:.4f} | {r['ppl']:.2f} |" for r in data["rows"]]

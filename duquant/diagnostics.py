@@ -6,11 +6,11 @@ method (RTN, DuQuant, EAQuant, MoEQuant) is diagnosed the same way.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from models.files import write_file_atomically
 
 
 def expert_balance_std(counts, top_k: int) -> float:
@@ -54,10 +54,7 @@ def summarize(layers: list[dict], top_k: int | None) -> tuple[dict, dict]:
 
 def _save(fig, path: Path) -> None:
     """PNG written atomically, like every other artefact of a run."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".plot-", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    write_file_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
 
 
 def plot_run(result: dict, out_dir: Path) -> list[Path]:

@@ -17,8 +17,6 @@ the in-memory fake-quantized model's bit for bit. The same per-module state (`mo
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -31,6 +29,8 @@ from models.spec import set_module
 from . import kvquant
 from .qlinear import QLinear
 from .quantizer import ActQuantizer, QuantizedWeight
+from models.files import write_dir_atomically
+
 from .transforms import BlockRotation, Compose, Permutation, Smooth
 
 FORMAT = 1
@@ -186,27 +186,6 @@ def packed_size(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
         saved += sum(t.numel() * t.element_size() for t in parts if t is not None)
         bf16 += 2 * e["shape"][0] * e["shape"][1]
     return {"quantized_linears_bytes": saved, "bf16_bytes": bf16, "ratio": saved / bf16 if bf16 else None}
-
-
-# ----------------------------------------------------------------------------- directories
-
-
-def write_dir_atomically(out: Path, fill) -> None:
-    """fill(tmp) writes the directory's files; `out` then appears whole or not at all."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        fill(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def check_save_dir(out: Path) -> None:

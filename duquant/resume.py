@@ -9,22 +9,17 @@ it ends with the same model and report as an uninterrupted run.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from models.files import write_file_atomically
+
 from .packed import apply_state, module_state
 
 PROGRESS = "progress.json"
-
-
-def _replace(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def finished_layers(ckpt_dir: Path | None) -> int:
@@ -37,10 +32,10 @@ def save_layer(ckpt_dir: Path, index: int, layer: nn.Module, info: dict,
                inps: list[torch.Tensor], extra: list[torch.Tensor]) -> None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tensors, meta = module_state(layer)
-    _replace(ckpt_dir / f"layer{index}.safetensors", lambda p: save_file(tensors, str(p)))
-    _replace(ckpt_dir / f"layer{index}.json", lambda p: p.write_text(json.dumps({"state": meta, "info": info})))
-    _replace(ckpt_dir / "inputs.pt", lambda p: torch.save({"inps": inps, "extra": extra}, p))
-    _replace(ckpt_dir / PROGRESS, lambda p: p.write_text(json.dumps({"done": index + 1})))
+    write_file_atomically(ckpt_dir / f"layer{index}.safetensors", lambda p: save_file(tensors, str(p)))
+    write_file_atomically(ckpt_dir / f"layer{index}.json", lambda p: p.write_text(json.dumps({"state": meta, "info": info})))
+    write_file_atomically(ckpt_dir / "inputs.pt", lambda p: torch.save({"inps": inps, "extra": extra}, p))
+    write_file_atomically(ckpt_dir / PROGRESS, lambda p: p.write_text(json.dumps({"done": index + 1})))
 
 
 def restore_layer(ckpt_dir: Path, index: int, layer: nn.Module) -> dict:

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from duquant.diagnostics import expert_balance_std
+from models.files import write_file_atomically
 from models.spec import ModelSpec, moe_routers
 
 log = logging.getLogger(__name__)
@@ -182,13 +181,5 @@ def ebss_calibration(model, spec: ModelSpec, tokenizer, name: str, nsamples: int
         ids, report = ebss_generate(model, spec, nsamples, seqlen, tau, width, seed, bos, banned, batch)
     finally:
         model.to(home)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".ebss-", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"ids": ids, "report": report}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_file_atomically(path, lambda tmp: torch.save({"ids": ids, "report": report}, tmp))
     return ids, {**report, "cache": str(path), "cached": False}

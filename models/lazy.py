@@ -15,7 +15,6 @@ keeps them fused; the renames and merges transformers declares for the architect
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from .errors import ModelLoadError
+from .files import write_file_atomically
 
 
 def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -155,10 +155,8 @@ class LayerStream:
         """Drop layer i's tensors (to meta); a changed layer is first written to the spill directory."""
         layer = self.layers[i]
         if changed:
-            self.spill_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.spill_dir / f"layer{i}.pt.tmp"
-            torch.save({k: v.detach().cpu() for k, v in layer.state_dict().items()}, tmp)
-            os.replace(tmp, self.spill_dir / f"layer{i}.pt")
+            state = {k: v.detach().cpu() for k, v in layer.state_dict().items()}
+            write_file_atomically(self.spill_dir / f"layer{i}.pt", lambda tmp: torch.save(state, tmp))
             self.spilled.add(i)
         for name, current in layer.state_dict(keep_vars=True).items():
             set_tensor(layer, name, torch.empty_like(current, device="meta"))

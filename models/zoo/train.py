@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from models.files import write_dir_atomically, write_file_atomically
 from models.registry import get_spec
 from models.spec import moe_routers
 
@@ -87,9 +88,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 8192):
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=2048
     )
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    fast.save_pretrained(tmp)
-    os.replace(tmp, out_dir)
+    write_dir_atomically(out_dir, fast.save_pretrained)
     return fast
 
 
@@ -99,8 +98,7 @@ def token_stream(tokenizer, split: str, cache: Path, limit: int | None = None) -
         return np.load(cache)
     ids = tokenizer(read_books(split, limit), add_special_tokens=False, verbose=False)["input_ids"]
     stream = np.concatenate([np.array(x + [tokenizer.eos_token_id], dtype=np.uint16) for x in ids])
-    np.save(cache.with_suffix(".tmp.npy"), stream)
-    os.replace(cache.with_suffix(".tmp.npy"), cache)
+    write_file_atomically(cache, lambda tmp: np.save(tmp, stream))
     return stream
 
 
@@ -153,23 +151,19 @@ def hardware(device: str) -> str:
 
 
 def save_checkpoint(path: Path, model, opt, step: int, history: list, elapsed: float, where: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
-                "elapsed": elapsed, "hardware": where}, tmp)
-    os.replace(tmp, path)
+    write_file_atomically(path, lambda tmp: torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
+         "elapsed": elapsed, "hardware": where}, tmp))
 
 
 def export(model, tokenizer, out: Path, meta: dict) -> None:
     """Write an ordinary HF checkpoint in bf16 (atomically: a half-written export never loads)."""
-    tmp = out.with_name(out.name + ".tmp")
-    model.to(torch.bfloat16).save_pretrained(tmp, max_shard_size="15MB")
-    tokenizer.save_pretrained(tmp)
-    (tmp / "training.json").write_text(json.dumps(meta, indent=2))
-    if out.exists():
-        import shutil
+    def fill(tmp: Path) -> None:
+        model.to(torch.bfloat16).save_pretrained(tmp, max_shard_size="15MB")
+        tokenizer.save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps(meta, indent=2))
 
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    write_dir_atomically(out, fill)
 
 
 def warm_start(model, export_dir: Path) -> tuple[int, list, float]:
