@@ -11,6 +11,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn as nn
 
+from models.lazy import return_freed_memory
 from models.spec import ModelSpec, decoder_layers, get_module
 
 
@@ -61,6 +62,7 @@ def layer_on(model: nn.Module, spec: ModelSpec, index: int, device: torch.device
 
     A streamed model (`models.lazy`) reads the layer from disk first and releases it after; pass
     `changed` when the block quantizes it, so the changed layer is kept (spilled) for later passes.
+    Memory freed by the block (working copies, a released layer) is handed back to the OS after it.
     """
     stream = getattr(model, "layer_stream", None)
     with stream.hold(index, changed) if stream is not None else nullcontext():
@@ -71,6 +73,7 @@ def layer_on(model: nn.Module, spec: ModelSpec, index: int, device: torch.device
         finally:
             if device.type != "cpu":
                 layer.to("cpu")
+    return_freed_memory()
 
 
 @torch.no_grad()
