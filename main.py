@@ -5,6 +5,7 @@
     python main.py --model mistralai/Mixtral-8x7B-v0.1 --device cuda --eval_ppl wikitext2,c4
     python main.py --model demo-mixtral --method eaquant --save_dir q/mixtral-w4a4   # packed integers
     python main.py --load q/mixtral-w4a4 --eval_ppl wikitext2                          # no recalibration
+    python main.py --model /data/Mixtral-8x7B-v0.1 --device cuda --stream            # layers read from disk
 """
 from __future__ import annotations
 
