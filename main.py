@@ -333,9 +333,6 @@ def run(args) -> dict:
     method = method_name(args, ea, mq, gptq)
     if args.method == "fp" and args.save_dir is not None:
         raise ConfigError("--save_dir writes a quantized model; --method fp has none (the checkpoint is the FP model)")
-    if args.stream and args.save_dir is not None:
-        raise ConfigError("--save_dir assembles the packed model in memory and cannot run with --stream yet; the "
-                          "quantized layers are in <output_dir>/partial (layer checkpoints)")
     if args.stream_dir is not None and not args.stream:
         raise ConfigError("--stream_dir only applies with --stream; add --stream or drop --stream_dir")
     device, dtype = device_and_dtype(args)

@@ -24,13 +24,13 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from models.spec import set_module
+from models.files import write_dir_atomically
+from models.spec import ModelSpec, decoder_layers, set_module
 
 from . import kvquant
+from .layerwise import layer_on
 from .qlinear import QLinear
 from .quantizer import ActQuantizer, QuantizedWeight
-from models.files import write_dir_atomically
-
 from .transforms import BlockRotation, Compose, Permutation, Smooth
 
 FORMAT = 1
@@ -104,13 +104,16 @@ def _small_ints(zero: torch.Tensor) -> torch.Tensor:
     return as_bytes if torch.equal(as_bytes.to(zero.dtype), zero) else zero
 
 
-def module_state(root: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
-    """Everything needed to rebuild the quantized `root` from its unquantized skeleton."""
+def module_state(root: nn.Module, skip: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Everything needed to rebuild the quantized `root` from its unquantized skeleton (leaving out
+    the submodules whose names start with `skip`)."""
     tensors: dict[str, torch.Tensor] = {}
     linears, transforms, kv = {}, {}, {}
     ids: dict[int, str] = {}
     owned: list[str] = []
     for name, m in root.named_modules():
+        if skip is not None and name.startswith(skip):
+            continue
         if isinstance(m, QLinear):
             owned.append(name + ".")
             entry = {"act": {"bits": m.act_quant.bits, "sym": m.act_quant.sym, "clip": m.act_quant.clip_ratio}}
@@ -137,13 +140,33 @@ def module_state(root: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
             kv[name] = {"bits": m.bits, "sym": m.sym, "clip": m.clip, "head_dim": m.hadamard.shape[0]}
     seen: dict[int, str] = {}
     for key, value in root.state_dict().items():
-        if any(key.startswith(p) for p in owned):
+        if any(key.startswith(p) for p in owned) or (skip is not None and key.startswith(skip)):
             continue
         # Tied parameters (embeddings = lm_head) are one storage; safetensors wants each once.
         ptr = value.data_ptr()
         tensors[key] = _cpu(value).clone() if ptr in seen else _cpu(value)
         seen[ptr] = key
     return tensors, {"linears": linears, "transforms": transforms, "kv": kv}
+
+
+def model_state(model: nn.Module, spec: ModelSpec) -> tuple[dict[str, torch.Tensor], dict]:
+    """`module_state` of a whole model, gathered one decoder layer at a time, so a streamed model
+    (`--stream`) only ever has one layer in memory; each layer's transforms get ids under its name."""
+    tensors, meta = module_state(model, skip=spec.layers + ".")
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        with layer_on(model, spec, i, torch.device("cpu")):
+            part, part_meta = module_state(layer)
+        prefix = f"{spec.layers}.{i}."
+        for key, value in part.items():
+            tensors[f"transforms.{prefix}{key.removeprefix('transforms.')}" if key.startswith("transforms.")
+                    else prefix + key] = value
+        meta["transforms"].update({prefix + tid: t for tid, t in part_meta["transforms"].items()})
+        meta["kv"].update({prefix + name: e for name, e in part_meta["kv"].items()})
+        for name, entry in part_meta["linears"].items():
+            if "transform" in entry:
+                entry = {**entry, "transform": prefix + entry["transform"]}
+            meta["linears"][prefix + name] = entry
+    return tensors, meta
 
 
 def apply_state(root: nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -198,7 +221,9 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, run_config:
     """Write the quantized model to `out_dir` (replacing a saved model there, never anything else)."""
     out = Path(out_dir)
     check_save_dir(out)
-    tensors, meta = module_state(model)
+    from models import get_spec
+
+    tensors, meta = model_state(model, get_spec(model))
     size = packed_size(tensors, meta)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
 

@@ -7,9 +7,10 @@ import torch
 from safetensors.torch import save_file
 
 import main
-from duquant.evaluate import perplexity
-from duquant.pipeline import quantize_model
 from duquant.config import DuQuantConfig, QuantConfig
+from duquant.evaluate import perplexity
+from duquant.packed import load_quantized, save_quantized
+from duquant.pipeline import quantize_model
 from models import ModelLoadError, decoder_layers, get_spec, load_model
 
 from .conftest import MOE_ARCHS
@@ -80,12 +81,24 @@ def test_cli_stream_matches_and_bad_inputs(tmp_path, capsys):
     capsys.readouterr()
     for argv, needle in [
         (["--model", "tiny-mixtral", "--stream"], "built in memory"),
-        (common + ["--stream", "--save_dir", str(tmp_path / "q")], "cannot run with --stream"),
         (common + ["--stream_dir", str(tmp_path / "s")], "only applies with --stream"),
     ]:
         assert main.main(argv + ["--output_dir", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_streamed_quantized_model_saves_and_loads_exactly(arch, tmp_path):
+    _saved(arch, tmp_path / "ckpt")
+    model, tok = load_model(str(tmp_path / "ckpt"), stream=True)
+    calib, x = tiny_data(tok)
+    quantize_model(model, get_spec(model), calib, QuantConfig(4, 4, kv_bits=4), FAST, seed=0)
+    save_quantized(model, tok, tmp_path / "q", {})
+    assert model.layer_stream.peak_resident == 1
+    loaded, _, _ = load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
 
 
 def test_stream_refuses_missing_safetensors_and_nan(tmp_path):
