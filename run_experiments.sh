@@ -3,7 +3,7 @@
 # pure DuQuant on the same model, data and seed. Runs with a results.json are skipped, so an
 # interrupted sweep resumes where it stopped; at the end results/experiments/TABLES.md is written.
 #
-#   bash run_experiments.sh --quick                          # one zoo model, one seed, small sets: 30-50 min on 2 CPU cores
+#   bash run_experiments.sh --quick                          # one zoo model, one seed, small sets: ~20-25 min on 2 CPU cores
 #   bash run_experiments.sh                                  # the three zoo models, 3 seeds: hours on 2 CPU cores
 #   MODELS=demo-olmoe SEEDS=0 bash run_experiments.sh        # one model, one seed
 #   MODELS="olmoe deepseek-moe mixtral" COMMON="--device cuda --nsamples 128 --seqlen 2048" \
@@ -27,7 +27,8 @@ if [ $QUICK = 1 ]; then
   MODELS=${MODELS:-demo-mixtral}
   SEEDS=${SEEDS:-0}
   OUT=${OUT:-results/quick}
-  COMMON=${COMMON:-"--nsamples 8 --seqlen 128 --eval_ppl wikitext2,c4,gutenberg --ppl_samples 8 --rotation_tokens 256"}
+  # 64 greedy rotation steps instead of DuQuant's 256: a smoke test of the whole sweep, not the paper setting.
+  COMMON=${COMMON:-"--nsamples 8 --seqlen 128 --eval_ppl wikitext2,c4,gutenberg --ppl_samples 8 --rotation_tokens 256 --max_rotation_step 64"}
   TASK_LIMIT=${TASK_LIMIT:-20}
   EBSS="--nsamples 8 --seqlen 128 --tau 1.2,0.5 --width 1,4"
 else
