@@ -111,8 +111,9 @@ def main() -> None:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         tok = None
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # restart the RSS high-water mark here
-        interpreter = rss_bytes("VmRSS")
+        if args.measure:
+            Path("/proc/self/clear_refs").write_text("5")  # restart the RSS high-water mark here
+            interpreter = rss_bytes("VmRSS")
         model, tok = load_model(args.model or "demo-mixtral", dtype, stream=args.stream)
     spec = get_spec(model)
     cpu = torch.device(args.device).type == "cpu"
