@@ -49,9 +49,14 @@ def resolve_model_name(name: str) -> str:
     return PAPER_CHECKPOINTS.get(name, name)
 
 
-def _stream_model(path: str, dtype: torch.dtype, spill_dir: str | None):
-    """The model with decoder-layer weights on the meta device and a `LayerStream` over its checkpoint;
-    everything outside the decoder layers (embeddings, final norm, head, rotary tables) is loaded."""
+def _lazy_model(path: str, dtype: torch.dtype, stream: bool, spill_dir: str | None):
+    """The model built on the meta device with everything outside the decoder layers (embeddings,
+    final norm, head) read from the safetensors checkpoint; then either every decoder layer is read
+    too, one at a time, or (`stream`) they stay on disk behind a `LayerStream`.
+
+    Reading tensor by tensor keeps the peak at about the model's size; transformers' own load keeps
+    the memory-mapped file alive next to the weights it converted (2x for a per-expert checkpoint).
+    """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -68,16 +73,26 @@ def _stream_model(path: str, dtype: torch.dtype, spill_dir: str | None):
             set_tensor(model, name, checkpoint.tensor(name).to(t.dtype))
     if tied:
         model.tie_weights()
-    model.layer_stream = LayerStream(decoder_layers(model, spec), spec.layers, checkpoint, spill_dir)
+    layers = decoder_layers(model, spec)
+    if stream:
+        model.layer_stream = LayerStream(layers, spec.layers, checkpoint, spill_dir)
+    else:
+        for i, layer in enumerate(layers):
+            checkpoint.materialize(layer, f"{spec.layers}.{i}.")
     return model
+
+
+def _has_safetensors(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json"))
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, stream: bool = False, spill_dir: str | None = None):
     """Load (model, tokenizer) on the CPU; the pipeline moves one decoder layer at a time to the device.
 
-    With `stream`, the decoder layers are read from the safetensors checkpoint one at a time
-    instead (`models.lazy`), for models larger than RAM; changed layers are spilled to
-    `spill_dir` (default: a temporary directory).
+    A local safetensors checkpoint is read tensor by tensor (`models.lazy`); with `stream`, its
+    decoder layers are read one at a time when needed instead, for models larger than RAM (changed
+    layers are spilled to `spill_dir`, default a temporary directory). Hub ids and other formats go
+    through transformers' `from_pretrained`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -96,8 +111,8 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, stream: bool = Fal
         raise ModelLoadError(f"--stream reads a local checkpoint directory and {target} is not one; download it first")
     try:
         tokenizer = AutoTokenizer.from_pretrained(target)
-        if stream:
-            model = _stream_model(target, dtype, spill_dir)
+        if stream or _has_safetensors(target):
+            model = _lazy_model(target, dtype, stream, spill_dir)
             model.eval()
             return model, tokenizer
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, device_map="cpu")

@@ -121,13 +121,15 @@ class LazyCheckpoint:
         return None
 
     def tensor(self, name: str) -> torch.Tensor:
-        for candidate in self._renamings(name):
-            if candidate in self.files:
-                return self._read(candidate)
-        merged = self._merged(name)
-        if merged is None:
+        value = next((self._read(c) for c in self._renamings(name) if c in self.files), None)
+        if value is None:
+            value = self._merged(name)
+        if value is None:
             raise ModelLoadError(f"tensor {name} is not in the checkpoint; is it a checkpoint of this architecture?")
-        return merged
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ModelLoadError(f"checkpoint has NaN or Inf values in {name}; its weights are corrupt, "
+                                 "re-download or re-export it")
+        return value
 
     def materialize(self, module: nn.Module, prefix: str) -> None:
         """Read every meta tensor of `module` (named `prefix` + its own name) from the checkpoint,
@@ -135,9 +137,6 @@ class LazyCheckpoint:
         for name, current in module.state_dict(keep_vars=True).items():
             if current.device.type == "meta":
                 value = self.tensor(prefix + name)
-                if value.is_floating_point() and not torch.isfinite(value).all():
-                    raise ModelLoadError(f"checkpoint has NaN or Inf values in {prefix + name}; its weights are "
-                                         "corrupt, re-download or re-export it")
                 if value.shape != current.shape:
                     raise ModelLoadError(f"{prefix + name} has shape {tuple(value.shape)} in the checkpoint but "
                                          f"{tuple(current.shape)} in the model; is the config from another checkpoint?")
