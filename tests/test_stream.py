@@ -1,5 +1,6 @@
-"""--stream: decoder layers read from the checkpoint one at a time give the same model, the same
-quantization and the same scores as a model held in memory, with at most one layer resident."""
+"""Checkpoints read tensor by tensor (models.lazy): loaded whole or streamed (--stream: decoder layers
+read one at a time), they give the same model, quantization and scores as the model that was saved,
+with at most one layer resident when streamed."""
 import json
 
 import pytest
@@ -40,11 +41,13 @@ def _layer_tensors_on_meta(model) -> bool:
 @pytest.mark.parametrize("arch", MOE_ARCHS + ["llama"])
 def test_streamed_model_gives_the_same_logits(arch, fused_names, tmp_path):
     ref, _ = _saved(arch, tmp_path, fused_names)
+    loaded, _ = load_model(str(tmp_path))
     model, _ = load_model(str(tmp_path), stream=True)
     assert _layer_tensors_on_meta(model)
     ids = torch.randint(0, 8000, (2, 24))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
+        assert torch.equal(loaded(ids).logits, ref(ids).logits)
     stream = model.layer_stream
     assert stream.peak_resident == 1 and not stream.resident and _layer_tensors_on_meta(model)
 
