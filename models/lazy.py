@@ -183,13 +183,16 @@ class LayerStream:
 
     @contextmanager
     def hold(self, i: int, changed: bool = False):
-        """Layer i in memory for the block (across many forwards); released, and spilled if changed, after."""
+        """Layer i in memory for the block (across many forwards); released after, and spilled if
+        changed, unless the block failed (a half-changed layer is never kept)."""
         if i not in self.resident:
             self.fetch(i)
         try:
             yield self.layers[i]
-        finally:
-            self.release(i, changed)
+        except BaseException:
+            self.release(i)
+            raise
+        self.release(i, changed)
 
     def _enter_forward(self, i: int) -> None:
         if i not in self.resident:
