@@ -33,7 +33,8 @@ def save_layer(ckpt_dir: Path, index: int, layer: nn.Module, info: dict,
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tensors, meta = module_state(layer)
     write_file_atomically(ckpt_dir / f"layer{index}.safetensors", lambda p: save_file(tensors, str(p)))
-    write_file_atomically(ckpt_dir / f"layer{index}.json", lambda p: p.write_text(json.dumps({"state": meta, "info": info})))
+    write_file_atomically(ckpt_dir / f"layer{index}.json",
+                          lambda p: p.write_text(json.dumps({"state": meta, "info": info})))
     write_file_atomically(ckpt_dir / "inputs.pt", lambda p: torch.save({"inps": inps, "extra": extra}, p))
     write_file_atomically(ckpt_dir / PROGRESS, lambda p: p.write_text(json.dumps({"done": index + 1})))
 

@@ -28,6 +28,7 @@ from safetensors import safe_open
 
 from .errors import ModelLoadError
 from .files import write_file_atomically
+from .spec import owner
 
 
 @functools.cache
@@ -47,14 +48,9 @@ def return_freed_memory() -> None:
         trim(0)
 
 
-def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
-    path, _, leaf = name.rpartition(".")
-    return (root.get_submodule(path) if path else root), leaf
-
-
 def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
     """Replace parameter or persistent buffer `name` of `root` by `value` (any device, meta included)."""
-    module, leaf = _parent(root, name)
+    module, leaf = owner(root, name)
     if isinstance(getattr(module, leaf), nn.Parameter):
         setattr(module, leaf, nn.Parameter(value, requires_grad=False))
     else:
@@ -179,7 +175,6 @@ class LayerStream:
         for name, current in layer.state_dict(keep_vars=True).items():
             set_tensor(layer, name, torch.empty_like(current, device="meta"))
         self.resident.discard(i)
-        return_freed_memory()
 
     @contextmanager
     def hold(self, i: int, changed: bool = False):
@@ -203,3 +198,4 @@ class LayerStream:
         if i in self._forward_fetched:
             self._forward_fetched.discard(i)
             self.release(i)
+            return_freed_memory()

@@ -119,9 +119,14 @@ def moe_routers(model: nn.Module, spec: ModelSpec) -> list[nn.Module]:
             if spec.is_moe_layer(model.config, i)]
 
 
-def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+def owner(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The module holding `path` (a submodule, parameter or buffer) and its attribute name there."""
     parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, new)
+    return (root.get_submodule(parent) if parent else root), name
+
+
+def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    setattr(*owner(root, path), new)
 
 
 def _mlp_view(spec: ModelSpec, mlp: nn.Module) -> MLPView:
