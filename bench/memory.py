@@ -102,6 +102,7 @@ def main() -> None:
     from models import get_spec, load_model
 
     dtype = getattr(torch, args.dtype)
+    cpu = torch.device(args.device).type == "cpu"
     if args.preset:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -114,9 +115,11 @@ def main() -> None:
         if args.measure:
             Path("/proc/self/clear_refs").write_text("5")  # restart the RSS high-water mark here
             interpreter = rss_bytes("VmRSS")
+            if not cpu:  # the CUDA context and cuBLAS cost host memory of their own, whatever the model
+                torch.ones(8, 8, device=args.device) @ torch.ones(8, 8, device=args.device)
+                runtime = rss_bytes("VmRSS") - interpreter
         model, tok = load_model(args.model or "demo-mixtral", dtype, stream=args.stream)
     spec = get_spec(model)
-    cpu = torch.device(args.device).type == "cpu"
     pred = predict(model, spec, args.nsamples, args.seqlen, args.rotation_tokens, args.gptq, cpu, args.stream)
     name = args.preset or args.model or "demo-mixtral"
     print(f"{name}: {sum(x.numel() for x in model.parameters()) / 1e9:.2f}B params in {args.dtype}, "
@@ -142,8 +145,11 @@ def main() -> None:
     print(f"\nmeasured ({seconds:.0f} s): host peak RSS above the interpreter's, loading and quantizing, "
           f"{grown / GiB:.3f} GiB (formula {pred['host_peak'] / GiB:.3f} GiB)")
     if not cpu:
+        print(f"of which the CUDA runtime (context, cuBLAS) {runtime / GiB:.3f} GiB; "
+              f"the rest {(grown - runtime) / GiB:.3f} GiB")
         print(f"device allocator peak {torch.cuda.max_memory_allocated() / GiB:.3f} GiB "
-              f"(formula {pred['device_peak'] / GiB:.3f} GiB)")
+              f"(formula {pred['device_peak'] / GiB:.3f} GiB); still allocated after quantizing "
+              f"{torch.cuda.memory_allocated() / GiB:.3f} GiB (the model is back on the CPU)")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@ transform T is applied online, and linears that read the same activation share o
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn as nn
 
@@ -36,7 +34,7 @@ class QLinear(nn.Module):
                  weight_quant: WeightQuantizer | None = None, quantized: QuantizedWeight | None = None):
         """Either `weight_quant` quantizes the transformed weight, or `quantized` is the already
         quantized transformed weight (router alignment and GPTQ choose their own grids; a saved
-        model is loaded this way). `self.quantized` keeps the grid (not the weight) for packing."""
+        model is loaded this way). The grid is kept (not a second weight) for packing."""
         super().__init__()
         if transform is not None:
             transform.to(inner.weight.device)  # fit from statistics kept on the CPU; runs where W lives
@@ -52,12 +50,18 @@ class QLinear(nn.Module):
         self.set_quantized(quantized)
 
     def set_quantized(self, quantized: QuantizedWeight) -> None:
-        self.inner.weight.data = quantized.weight.to(self.inner.weight.device, self.inner.weight.dtype)
-        self.quantized = dataclasses.replace(quantized, weight=None)
+        """The grid (scale, zero, g_idx) is kept as buffers so it moves, spills and is released
+        with the layer; it can be computed on another device than the one the layer ends on."""
+        device = self.inner.weight.device
+        self.inner.weight.data = quantized.weight.to(device, self.inner.weight.dtype)
+        self.bits, self.sym = quantized.bits, quantized.sym
+        for name in ("scale", "zero", "g_idx"):
+            value = getattr(quantized, name)
+            self.register_buffer(name, None if value is None else value.to(device))
 
     def quantized_weight(self) -> QuantizedWeight:
         """The stored weight with its grid (codes() of it are the integers a packed save writes)."""
-        return dataclasses.replace(self.quantized, weight=self.inner.weight.data)
+        return QuantizedWeight(self.inner.weight.data, self.bits, self.sym, self.scale, self.zero, self.g_idx)
 
     @property
     def weight(self) -> torch.Tensor:
