@@ -3,7 +3,7 @@
 # pure DuQuant on the same model, data and seed. Runs with a results.json are skipped, so an
 # interrupted sweep resumes where it stopped; at the end results/experiments/TABLES.md is written.
 #
-#   bash run_experiments.sh --quick                          # one zoo model, one seed, small sets: ~20-25 min on 2 CPU cores (estimated from single runs)
+#   bash run_experiments.sh --quick                          # one zoo model, one seed, small sets: 9 min on 2 idle CPU cores
 #   bash run_experiments.sh                                  # the three zoo models, 3 seeds: hours on 2 CPU cores
 #   MODELS=demo-olmoe SEEDS=0 bash run_experiments.sh        # one model, one seed
 #   MODELS="olmoe deepseek-moe mixtral" COMMON="--device cuda --nsamples 128 --seqlen 2048" \
