@@ -1,6 +1,7 @@
 """Speed and memory of the pipeline as ratios that transfer across machines.
 
     python bench/benchmark.py --model demo-mixtral --nsamples 32 --seqlen 512 --rotation_tokens 512 [--stream]
+    [--max_rotation_step 64]
 
 - quantization wall time / one FP forward pass over the same calibration set (target <= 5x),
 - fake-quant evaluation throughput / FP throughput (target >= 0.5x),
@@ -47,7 +48,8 @@ def phase(args) -> dict:
     out["fp_eval_tok_s"] = evalset.numel() / (time.time() - t)
     if args.phase == "quantize":
         t = time.time()
-        quantize_model(model, spec, calib, QuantConfig(4, 4), DuQuantConfig(rotation_tokens=args.rotation_tokens), seed=0)
+        method = DuQuantConfig(rotation_tokens=args.rotation_tokens, max_rotation_step=args.max_rotation_step)
+        quantize_model(model, spec, calib, QuantConfig(4, 4), method, seed=0)
         out["quantize_s"] = time.time() - t
         t = time.time()
         perplexity(model, spec, evalset, desc="W4A4 eval")
@@ -63,6 +65,7 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval_windows", type=int, default=40)
     p.add_argument("--rotation_tokens", type=int, default=2048, help="rows per site for the rotation search")
+    p.add_argument("--max_rotation_step", type=int, default=256, help="greedy rotation steps (DuQuant's default 256)")
     p.add_argument("--stream", action="store_true", help="decoder layers read from disk one at a time")
     p.add_argument("--phase", choices=["quantize"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -71,7 +74,8 @@ def main() -> None:
         return
     cmd = [sys.executable, __file__, "--model", args.model, "--nsamples", str(args.nsamples),
            "--seqlen", str(args.seqlen), "--eval_windows", str(args.eval_windows),
-           "--rotation_tokens", str(args.rotation_tokens), "--phase", "quantize"] + ["--stream"] * args.stream
+           "--rotation_tokens", str(args.rotation_tokens), "--max_rotation_step", str(args.max_rotation_step),
+           "--phase", "quantize"] + ["--stream"] * args.stream
     r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     ratios = {
         "quantization / FP pass": r["quantize_s"] / r["fp_pass_s"],
@@ -80,7 +84,7 @@ def main() -> None:
     }
     print(json.dumps(r, indent=2))
     print(f"\n| {args.model}{' (streamed)' if args.stream else ''}, {args.nsamples} x {args.seqlen} calibration, "
-          f"torch {torch.__version__} | ratio |\n|---|---|")
+          f"{args.max_rotation_step} rotation steps, torch {torch.__version__} | ratio |\n|---|---|")
     for k, v in ratios.items():
         print(f"| {k} | {v:.2f} |")
 

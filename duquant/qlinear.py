@@ -59,6 +59,16 @@ class QLinear(nn.Module):
             value = getattr(quantized, name)
             self.register_buffer(name, None if value is None else value.to(device))
 
+    def _apply(self, fn, recurse=True):
+        """Module casts (`.to(torch.bfloat16)`) move the grid but keep its dtype: the integer codes
+        are defined by the grid in the precision it was computed in."""
+        grid = {n: b for n, b in self._buffers.items() if n in ("scale", "zero") and b is not None}
+        super()._apply(fn, recurse)
+        for name, old in grid.items():
+            if self._buffers[name].dtype != old.dtype:
+                self._buffers[name] = old.to(self._buffers[name].device)
+        return self
+
     def quantized_weight(self) -> QuantizedWeight:
         """The stored weight with its grid (codes() of it are the integers a packed save writes)."""
         return QuantizedWeight(self.inner.weight.data, self.bits, self.sym, self.scale, self.zero, self.g_idx)

@@ -36,13 +36,15 @@ def test_in_place_change_between_readers_is_seen():
 
 def test_weight_grid_moves_and_is_stored_with_the_module():
     """The grid is computed where the fit ran; `.to()` (a layer leaving the GPU), a streamed spill
-    (the state dict) and a release (to meta) must all carry it, or a packed save mixes devices."""
+    (the state dict) and a release (to meta) must all carry it, or a packed save mixes devices;
+    a dtype cast of the module must not round it."""
     x, shared, _, _ = _readers(1, [4])
     q = shared[0]
     grid = q.quantized_weight()
     assert {"scale", "zero"} <= set(q.state_dict())
     codes = grid.codes()
-    q.to(torch.float64).to(torch.float32)
+    q.to(torch.bfloat16)  # the weight is cast, the grid keeps the precision its codes are defined in
+    assert q.weight.dtype == torch.bfloat16 and q.scale.dtype == grid.scale.dtype
     assert torch.equal(q.quantized_weight().codes(), codes)
     q.to("meta")
     assert all(t.device.type == "meta" for t in (q.weight, q.scale, q.zero))
