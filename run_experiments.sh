@@ -9,8 +9,8 @@
 #   MODELS="olmoe deepseek-moe mixtral" COMMON="--device cuda --nsamples 128 --seqlen 2048" \
 #     TASK_LIMIT=0 bash run_experiments.sh                   # the paper's checkpoints and settings on a GPU
 #
-# Tables 1-3 (and the DuQuant/EAQuant rows everywhere) run for every seed in SEEDS; the single-knob
-# ablations of Tables 4-7 and the MoEQuant runs use ABLATION_SEEDS (default: the first seed).
+# Every calibration-dependent run is repeated for each seed in SEEDS and reported as mean ± std;
+# ABLATION_SEEDS (default: SEEDS) narrows the single-knob ablations of Tables 4-7 and the MoEQuant runs.
 # TASKS (default the paper's five) are lm-eval zero-shot tasks, at most TASK_LIMIT examples each
 # (0 = all); TASKS= skips them. Beside another CPU job, run with OMP_NUM_THREADS=1.
 # Instances with different MODELS can run side by side (results are written atomically).
@@ -39,7 +39,7 @@ else
   TASK_LIMIT=${TASK_LIMIT:-100}
   EBSS="--nsamples 16 --seqlen 256 --tau 1.2,1.0,0.5 --width 1,2,4"
 fi
-ABLATION_SEEDS=${ABLATION_SEEDS:-${SEEDS%% *}}
+ABLATION_SEEDS=${ABLATION_SEEDS:-$SEEDS}
 TASKS=${TASKS:-arc_challenge,arc_easy,boolq,piqa,winogrande}
 ZS=""
 [ -n "$TASKS" ] && ZS="--tasks $TASKS"
