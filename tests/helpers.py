@@ -21,3 +21,8 @@ def tiny_data(tok, nsamples=2, seqlen=64, windows=2):
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    """A seeded CPU generator, so each test's random data is fixed."""
+    return torch.Generator().manual_seed(seed)

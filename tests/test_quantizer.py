@@ -11,15 +11,13 @@ from duquant.quantizer import (
     quantize,
 )
 
-
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
+from .helpers import gen
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_at_most_2_to_the_bits_levels_per_row(bits):
-    w = torch.randn(8, 300, generator=_gen())
-    x = torch.randn(2, 5, 300, generator=_gen(1))
+    w = torch.randn(8, 300, generator=gen())
+    x = torch.randn(2, 5, 300, generator=gen(1))
     for q in (fake_quant(w, bits), WeightQuantizer(bits=bits, clip_ratio=0.8)(w)):
         assert all(len(torch.unique(row)) <= 2**bits for row in q)
     qx = ActQuantizer(bits, clip_ratio=0.9)(x)
@@ -31,7 +29,7 @@ def test_rows_of_the_last_dim_are_independent():
     # Rows with wildly different magnitudes: only a per-row (per-token / per-output-channel)
     # quantizer keeps the small rows; a per-column one would flush them to zero.
     mags = torch.tensor([1e-3, 1.0, 1e3, 10.0])
-    x = torch.randn(4, 64, generator=_gen()) * mags[:, None]
+    x = torch.randn(4, 64, generator=gen()) * mags[:, None]
     q = fake_quant(x, 8)
     rel = (q - x).norm(dim=-1) / x.norm(dim=-1)
     assert (rel < 1e-2).all()
@@ -46,7 +44,7 @@ def test_rows_of_the_last_dim_are_independent():
 
 
 def test_clip_ratio_shrinks_the_range():
-    x = torch.randn(6, 128, generator=_gen())
+    x = torch.randn(6, 128, generator=gen())
     full = x.amax(-1) - x.amin(-1).clamp(max=0)
     for clip in (0.5, torch.linspace(0.4, 0.9, 6)[:, None]):
         q = fake_quant(x, 4, clip=clip)
@@ -67,7 +65,7 @@ def test_16_bits_is_identity():
 @pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fake_quant_is_dequantize_of_quantize(sym, dtype):
-    x = torch.randn(10, 96, generator=_gen(), dtype=dtype) * 3
+    x = torch.randn(10, 96, generator=gen(), dtype=dtype) * 3
     clip = torch.linspace(0.5, 1.0, 10, dtype=dtype)[:, None]
     scale, zero = quant_params(x, 4, sym, clip)
     q = quantize(x, scale, zero, 4, sym)
@@ -77,7 +75,7 @@ def test_fake_quant_is_dequantize_of_quantize(sym, dtype):
 
 
 def test_symmetric_mode():
-    x = torch.randn(5, 64, generator=_gen())
+    x = torch.randn(5, 64, generator=gen())
     scale, zero = quant_params(x, 4, sym=True)
     assert torch.equal(zero, torch.zeros_like(zero))
     q = fake_quant(x, 4, sym=True)
@@ -110,7 +108,7 @@ def test_zero_and_constant_rows_give_no_nan():
 
 @pytest.mark.parametrize("sym", [False, True])
 def test_mse_search_never_worse_than_minmax(sym):
-    w = torch.randn(32, 256, generator=_gen())
+    w = torch.randn(32, 256, generator=gen())
     w[::4, 0] *= 20  # heavy-tailed rows, where clipping pays
     ratio = mse_clip_search(w, 4, sym)
     assert ratio.shape == (32, 1)

@@ -14,19 +14,17 @@ from duquant.transforms import (
     zigzag_permutation,
 )
 
-
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
+from .helpers import gen
 
 
 def _outlier_acts(tokens=512, channels=256, outliers=(3, 70, 200), dtype=torch.float64):
-    x = torch.randn(tokens, channels, generator=_gen(), dtype=dtype)
+    x = torch.randn(tokens, channels, generator=gen(), dtype=dtype)
     x[:, [o % channels for o in outliers]] *= 50
     return x
 
 
 def _random_orthogonal(n, b):
-    return torch.linalg.qr(torch.randn(n, b, b, generator=_gen(1), dtype=torch.float64)).Q
+    return torch.linalg.qr(torch.randn(n, b, b, generator=gen(1), dtype=torch.float64)).Q
 
 
 def _block_max(x, b):
@@ -34,8 +32,8 @@ def _block_max(x, b):
 
 
 def _assert_invariant(t, c, tol=1e-10):
-    x = torch.randn(3, 5, c, generator=_gen(2), dtype=torch.float64)
-    w = torch.randn(7, c, generator=_gen(3), dtype=torch.float64)
+    x = torch.randn(3, 5, c, generator=gen(2), dtype=torch.float64)
+    w = torch.randn(7, c, generator=gen(3), dtype=torch.float64)
     assert torch.allclose(t.act(x) @ t.weight(w).T, x @ w.T, rtol=0, atol=tol)
     assert torch.allclose(t.inverse_act(t.act(x)), x, rtol=0, atol=tol)
 
@@ -48,9 +46,9 @@ def _assert_orthogonal(rot):
 
 
 def test_smooth_and_permutation_are_exact():
-    s = torch.rand(24, generator=_gen(), dtype=torch.float64) * 10 + 0.01
+    s = torch.rand(24, generator=gen(), dtype=torch.float64) * 10 + 0.01
     _assert_invariant(Smooth(s), 24)
-    _assert_invariant(Permutation(torch.randperm(24, generator=_gen())), 24)
+    _assert_invariant(Permutation(torch.randperm(24, generator=gen())), 24)
 
 
 @pytest.mark.parametrize("c, b", [(256, 64), (200, 64), (48, 64)])
@@ -78,7 +76,7 @@ def test_block_rotation_acts_blockwise():
 def test_shared_rotation_broadcasts_over_blocks():
     rot = BlockRotation(_random_orthogonal(1, 16))
     _assert_invariant(rot, 64)
-    x = torch.randn(4, 64, generator=_gen(), dtype=torch.float64)
+    x = torch.randn(4, 64, generator=gen(), dtype=torch.float64)
     assert torch.allclose(rot.act(x)[:, 16:32], x[:, 16:32] @ rot.blocks[0])
     with pytest.raises(ValueError):
         BlockRotation(_random_orthogonal(3, 16)).act(x)
@@ -87,9 +85,9 @@ def test_shared_rotation_broadcasts_over_blocks():
 def test_compose_is_exact():
     c = 40
     t = Compose([
-        Smooth(torch.rand(c, generator=_gen(), dtype=torch.float64) + 0.1),
+        Smooth(torch.rand(c, generator=gen(), dtype=torch.float64) + 0.1),
         BlockRotation(_random_orthogonal(2, 16), _random_orthogonal(1, 8)[0]),
-        Permutation(torch.randperm(c, generator=_gen())),
+        Permutation(torch.randperm(c, generator=gen())),
         BlockRotation(_random_orthogonal(4, 10)),
     ])
     _assert_invariant(t, c)
@@ -99,7 +97,7 @@ def test_compose_is_exact():
 @pytest.mark.parametrize("c", [256, 200])
 def test_fit_duquant_is_exact(shared, c):
     x = _outlier_acts(tokens=256, channels=c)
-    w_absmax = torch.rand(c, generator=_gen(), dtype=torch.float64) + 0.05
+    w_absmax = torch.rand(c, generator=gen(), dtype=torch.float64) + 0.05
     t = fit_duquant(x, w_absmax, block_size=64, max_steps=16, shared=shared)
     assert [type(s) for s in t.transforms] == [Smooth, BlockRotation, Permutation, BlockRotation]
     for rot in (t.transforms[1], t.transforms[3]):
@@ -110,8 +108,8 @@ def test_fit_duquant_is_exact(shared, c):
 
     t32 = fit_duquant(x.float(), w_absmax.float(), block_size=64, max_steps=16, shared=shared)
     assert all(buf.dtype in (torch.float32, torch.long) for buf in t32.state_dict().values())
-    x32 = torch.randn(64, c, generator=_gen(4))
-    w32 = torch.randn(32, c, generator=_gen(5))
+    x32 = torch.randn(64, c, generator=gen(4))
+    w32 = torch.randn(32, c, generator=gen(5))
     ref = x32 @ w32.T
     out = t32.act(x32) @ t32.weight(w32).T
     assert ((out - ref).norm() / ref.norm()) < 1e-4
@@ -162,7 +160,7 @@ def test_fit_block_rotation_is_seeded():
 
 def test_zigzag_balances_blocks():
     c, b = 256, 32
-    absmax = torch.rand(c, generator=_gen()) + 1.0
+    absmax = torch.rand(c, generator=gen()) + 1.0
     absmax[:16] = torch.linspace(100, 60, 16)  # every large channel sits in block 0
     perm = zigzag_permutation(absmax, b).perm
     assert torch.equal(torch.sort(perm).values, torch.arange(c))
@@ -181,7 +179,7 @@ def test_zigzag_balances_blocks():
 
 def test_zigzag_with_a_tail_block():
     c, b = 200, 64
-    absmax = torch.rand(c, generator=_gen())
+    absmax = torch.rand(c, generator=gen())
     perm = zigzag_permutation(absmax, b).perm
     assert torch.equal(torch.sort(perm).values, torch.arange(c))
     # The 8-channel tail gets one of the 4 largest channels, not the smallest leftovers.
