@@ -168,15 +168,18 @@ def _spreading_matrix(b: int, seed: int) -> torch.Tensor:
 def _step_matrices(g: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
     """P_k G P_k for each block [m, b, b], where P_k swaps coordinates 0 and channel[k] (channel [m]).
 
-    Built by gathering G's rows and columns (b^2 per block); the step itself is then one batched
-    product, which runs as fast as a single shared matmul and needs no swapped copies of the rows.
+    Built by copying G and swapping two rows and two columns per block; the step itself is then
+    one batched product, which runs as fast as a single shared matmul and needs no swapped copies
+    of the rows.
     """
-    b = g.shape[0]
-    perm = torch.arange(b, device=g.device).repeat(channel.shape[0], 1)
-    blocks = torch.arange(channel.shape[0], device=g.device)
-    perm[blocks, 0] = channel
-    perm[blocks, channel] = 0
-    return g[perm].gather(2, perm[:, None, :].expand(-1, b, -1))
+    n = channel.shape[0]
+    blocks = torch.arange(n, device=g.device)
+    step = g.expand(n, -1, -1).clone()
+    for view in (step, step.transpose(1, 2)):  # rows, then columns
+        first = view[blocks, 0].clone()
+        view[blocks, 0] = view[blocks, channel]
+        view[blocks, channel] = first
+    return step
 
 
 def _candidate_rows(xb: torch.Tensor) -> torch.Tensor:
@@ -219,15 +222,15 @@ def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: 
 
     def peak(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Max |y| per block (or global) and the channel the next step should spread."""
-        a = y.abs()
         if shared:
+            a = y.abs()
             block, token, col = torch.unravel_index(a.argmax(), a.shape)
             return a[block, token, col].reshape(1), ((token * n + block) % b).reshape(1)
-        return a.amax(1).max(-1)
+        return torch.maximum(y.amax(1), -y.amin(1)).max(-1)  # max |y| per channel, no |y| copy of the rows
 
     best, channel = peak(cur)
     rot = torch.eye(b, device=xb.device).repeat(channel.shape[0], 1, 1)
-    best_rot = rot
+    best_rot = rot.clone()
     g32 = g.float()
     for _ in range(max_steps):
         step = _step_matrices(g32, channel)
@@ -236,7 +239,7 @@ def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: 
         score, channel = peak(cur)
         better = score < best
         best = torch.where(better, score, best)
-        best_rot = torch.where(better[:, None, None], rot, best_rot)
+        best_rot[better] = rot[better]
     u, _, vh = torch.linalg.svd(best_rot.double())
     return u @ vh
 

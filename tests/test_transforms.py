@@ -4,6 +4,8 @@ import torch
 
 from duquant.transforms import (
     BlockRotation,
+    _spreading_matrix,
+    _step_matrices,
     Compose,
     Permutation,
     Smooth,
@@ -139,6 +141,20 @@ def test_greedy_rotation_lowers_block_max(shared):
     if not shared:
         # Paper's rule: the three outlier blocks (0, 1, 3) lose most of their peak.
         assert (after[[0, 1, 3]] < 0.5 * before[[0, 1, 3]]).all()
+
+
+def test_step_matrix_swaps_the_outlier_channel_to_the_front_and_back():
+    """Each greedy step is P_c G P_c with P_c the swap of coordinates 0 and c (DUQUANT.md, step 1)."""
+    b = 16
+    g = _spreading_matrix(b, 0)
+    channel = torch.tensor([0, 5, 15, 1])
+    steps = _step_matrices(g, channel)
+    for c, step in zip(channel.tolist(), steps):
+        p = torch.eye(b, dtype=g.dtype)[torch.tensor([c] + [i if i != c else 0 for i in range(1, b)])]
+        assert torch.equal(step, p @ g @ p)
+    x = torch.zeros(1, b, dtype=g.dtype)
+    x[0, 5] = 1.0  # the spread coordinate lands evenly on all b channels
+    assert torch.allclose((x @ steps[1]).abs(), torch.full((1, b), b**-0.5, dtype=g.dtype))
 
 
 def test_greedy_rotation_handles_a_tail_block():
