@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce EAQuant's Tables 1-7 and MoEQuant's R1-R5 on the chosen models, every method next to
 # pure DuQuant on the same model, data and seed. Runs with a results.json are skipped, so an
-# interrupted sweep resumes where it stopped; at the end results/experiments/TABLES.md is written.
+# interrupted sweep resumes where it stopped; at the end $OUT/TABLES.md (default results/experiments/) is written
+# and copied to results/TABLES.md.
 #
 #   bash run_experiments.sh --quick                          # one zoo model, one seed, small sets: 9 min on 2 idle CPU cores
 #   bash run_experiments.sh                                  # the three zoo models, 3 seeds: hours on 2 CPU cores
@@ -111,4 +112,5 @@ for model in $MODELS; do
 done
 python bench/tables.py "$OUT" --minutes $(( ($(date +%s) - START) / 60 )) > "$OUT/TABLES.md.tmp"
 mv "$OUT/TABLES.md.tmp" "$OUT/TABLES.md" && cat "$OUT/TABLES.md"
+mkdir -p results && cp "$OUT/TABLES.md" results/TABLES.md.tmp && mv results/TABLES.md.tmp results/TABLES.md  # the latest sweep's tables
 [ -z "$FAILED" ] || { echo "failed runs:$FAILED"; exit 1; }
