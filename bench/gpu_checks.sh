@@ -19,10 +19,14 @@ WORK=$(mktemp -d)
 mkdir -p "$LOGS"
 failed=()
 
+selected() {  # selected NAME: is step NAME among those ONLY names (all when ONLY is empty)?
+    [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]
+}
+
 step() {  # step NAME SECONDS command...
     local name=$1 limit=$2
     shift 2
-    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+    selected "$name" || return 0
     echo "== $name: $*"
     local t=$SECONDS
     if timeout "$limit" "$@" > "$WORK/step.log" 2>&1; then
@@ -56,7 +60,7 @@ step memory-wide 150 "$PY" bench/memory.py --model "$WORK/wide" "${MEASURE[@]}"
 step memory-wide-stream 150 "$PY" bench/memory.py --model "$WORK/wide" --stream "${MEASURE[@]}"
 step memory-demo-gptq 150 "$PY" bench/memory.py --model demo-mixtral --gptq "${MEASURE[@]}"
 for r in runs runs-load; do cp "$WORK/$r/results.json" "$LOGS/$r.json" 2>/dev/null; done
-if [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" main-load "* ]]; then
+if selected main-load; then
     "$PY" -c "import json, sys; a, b = (json.load(open(f'$LOGS/{r}.json'))['ppl'] for r in ('runs', 'runs-load'))
 print('perplexity after quantizing', a, 'after loading the saved model', b); sys.exit(a != b)" || failed+=(same-ppl)
 fi

@@ -30,6 +30,8 @@ class SharedInput:
 
 
 class QLinear(nn.Module):
+    GRID = ("scale", "zero", "g_idx")  # buffers of the weight's quantization grid
+
     def __init__(self, inner: nn.Module, transform: nn.Module | None, act_quant: ActQuantizer,
                  weight_quant: WeightQuantizer | None = None, quantized: QuantizedWeight | None = None):
         """Either `weight_quant` quantizes the transformed weight, or `quantized` is the already
@@ -55,14 +57,14 @@ class QLinear(nn.Module):
         device = self.inner.weight.device
         self.inner.weight.data = quantized.weight.to(device, self.inner.weight.dtype)
         self.bits, self.sym = quantized.bits, quantized.sym
-        for name in ("scale", "zero", "g_idx"):
+        for name in self.GRID:
             value = getattr(quantized, name)
             self.register_buffer(name, None if value is None else value.to(device))
 
     def _apply(self, fn, recurse=True):
         """Module casts (`.to(torch.bfloat16)`) move the grid but keep its dtype: the integer codes
         are defined by the grid in the precision it was computed in."""
-        grid = {n: b for n, b in self._buffers.items() if n in ("scale", "zero") and b is not None}
+        grid = {n: b for n, b in self._buffers.items() if n in self.GRID and b is not None}
         super()._apply(fn, recurse)
         for name, old in grid.items():
             if self._buffers[name].dtype != old.dtype:
