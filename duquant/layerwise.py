@@ -123,11 +123,10 @@ def head_nll(model, spec: ModelSpec, hidden: list[torch.Tensor], input_ids: torc
     tensors of an evaluation, vocab / hidden times the hidden states (32x for the zoo).
     """
     norm, head = get_module(model, spec.final_norm), get_module(model, spec.lm_head)
-    nlls = []
+    nlls = torch.empty(input_ids.shape[0])
     windows = (w for h in hidden for w in h)
     with non_layer_modules_on(model, spec, device):
-        for h, ids in zip(windows, input_ids):
+        for k, (h, ids) in enumerate(zip(windows, input_ids)):
             logits = head(norm(h[None])).float()[0]
-            nll = nn.functional.cross_entropy(logits[:-1], ids[1:].to(device))
-            nlls.append(nll.cpu())
-    return torch.stack(nlls)
+            nlls[k] = nn.functional.cross_entropy(logits[:-1], ids[1:].to(device))
+    return nlls

@@ -20,6 +20,7 @@ built by `fit_duquant`.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import einops
 import torch
@@ -165,16 +166,16 @@ def _spreading_matrix(b: int, seed: int) -> torch.Tensor:
     return q.T
 
 
-def _step_matrices(g: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+def _step_matrices(g: torch.Tensor, channel: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """P_k G P_k for each block [m, b, b], where P_k swaps coordinates 0 and channel[k] (channel [m]).
 
-    Built by copying G and swapping two rows and two columns per block; the step itself is then
-    one batched product, which runs as fast as a single shared matmul and needs no swapped copies
-    of the rows.
+    Built by copying G (into `out` when given) and swapping two rows and two columns per block;
+    the step itself is then one batched product, which runs as fast as a single shared matmul and
+    needs no swapped copies of the rows.
     """
     n = channel.shape[0]
     blocks = torch.arange(n, device=g.device)
-    step = g.expand(n, -1, -1).clone()
+    step = g.expand(n, -1, -1).clone() if out is None else out.copy_(g.expand(n, -1, -1))
     for view in (step, step.transpose(1, 2)):  # rows, then columns
         first = view[blocks, 0].clone()
         view[blocks, 0] = view[blocks, channel]
@@ -182,25 +183,21 @@ def _step_matrices(g: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
     return step
 
 
-def _candidate_rows(xb: torch.Tensor) -> torch.Tensor:
-    """The rows of each block [n, T, b] that can ever hold the block's max |x|, zero-padded.
+def _candidate_mask(xb: torch.Tensor) -> torch.Tensor:
+    """[n, T] True for the rows of each block [n, T, b] that can ever hold the block's max |x|.
 
     A rotation keeps each row's 2-norm, a row's max |x| is at most its 2-norm, and the block max
     is at least (largest row 2-norm) / sqrt(b). Rows below that bound can never be the maximum,
-    so dropping them changes nothing in the search. Blocks keep different numbers of rows; the
-    shorter ones are padded with zero rows, which stay zero under rotation and so never change a
-    block's max |x| or the channel holding it.
+    so dropping them changes nothing in the search.
     """
     norms = xb.norm(dim=-1)
-    keep = norms >= norms.amax(1, keepdim=True) / math.sqrt(xb.shape[-1])
-    rows = int(keep.sum(1).max())
-    idx = norms.masked_fill(~keep, -1.0).topk(rows, dim=1).indices
-    picked = xb.gather(1, idx[..., None].expand(-1, -1, xb.shape[-1]))
-    return picked * keep.gather(1, idx)[..., None]
+    return norms >= norms.amax(1, keepdim=True) / math.sqrt(xb.shape[-1])
 
 
 def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: bool) -> torch.Tensor:
     """Greedy outlier-spreading search on xb [n, T, b]; returns [n, b, b], or [1, b, b] if shared.
+
+    For the per-block rule xb holds only the candidate rows (`_stack_candidates`).
 
     All blocks step together (blocks of many sites can be stacked into one search: each block's
     search is independent). Per block (paper's rule) each step spreads the channel holding that
@@ -213,11 +210,11 @@ def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: 
     The search is bound by its matmuls (steps x rows x b^2), so it runs in float32, the running
     product included; the kept product is then snapped to the nearest orthogonal matrix (polar
     factor, float64), so the stored rotation is orthogonal to float64 precision and still within
-    ~1e-6 of the exact product of the chosen steps.
+    ~1e-6 of the exact product of the chosen steps. Every step writes into the same preallocated
+    buffers: a fresh rows-sized tensor per step, freed while small ones survive it, fragments the
+    heap (resident memory grew by tens of MB per layer that way) and costs page faults.
     """
     n, _, b = xb.shape
-    if not shared:
-        xb = _candidate_rows(xb)
     cur = xb.float()
 
     def peak(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,12 +227,13 @@ def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: 
 
     best, channel = peak(cur)
     rot = torch.eye(b, device=xb.device).repeat(channel.shape[0], 1, 1)
-    best_rot = rot.clone()
+    best_rot, step = rot.clone(), torch.empty_like(rot)
+    spare_cur, spare_rot = torch.empty_like(cur), torch.empty_like(rot)
     g32 = g.float()
     for _ in range(max_steps):
-        step = _step_matrices(g32, channel)
-        cur = cur @ step
-        rot = rot @ step
+        _step_matrices(g32, channel, out=step)
+        cur, spare_cur = torch.matmul(cur, step, out=spare_cur), cur
+        rot, spare_rot = torch.matmul(rot, step, out=spare_rot), rot
         score, channel = peak(cur)
         better = score < best
         best = torch.where(better, score, best)
@@ -250,12 +248,24 @@ def _blocks_of(x: torch.Tensor, b: int) -> torch.Tensor:
     return einops.rearrange(x.reshape(-1, x.shape[-1])[:, : n * b].double(), "t (n b) -> n t b", b=b)
 
 
-def _stack_candidates(parts: list[torch.Tensor]) -> torch.Tensor:
-    """The candidate rows of every site's blocks [n_i, T, b], zero-padded to one row count and
-    stacked into [sum n_i, rows, b] (zero rows never hold a block's max, see `_candidate_rows`)."""
-    heads = [_candidate_rows(p) for p in parts]
-    rows = max(h.shape[1] for h in heads)
-    return torch.cat([torch.nn.functional.pad(h, (0, 0, 0, rows - h.shape[1])) for h in heads])
+def _stack_candidates(xs: list[torch.Tensor], blocks_of: Callable[[torch.Tensor], torch.Tensor], b: int) -> torch.Tensor:
+    """The candidate rows (`_candidate_mask`) of every site's blocks `blocks_of(x)` [n_i, T_i, b],
+    stacked into one float32 search input [sum n_i, rows, b].
+
+    Blocks keep different numbers of rows; the shorter ones are padded with zero rows, which stay
+    zero under rotation and so never change a block's max |x| or the channel holding it. The
+    stack is filled one site at a time, so beside it only one site's blocks exist at once.
+    """
+    keeps = [_candidate_mask(blocks_of(x)) for x in xs]
+    rows = max(int(k.sum(1).max()) for k in keeps)
+    out = torch.zeros(sum(k.shape[0] for k in keeps), rows, b, device=xs[0].device)
+    start = 0
+    for x, keep in zip(xs, keeps):
+        order = torch.argsort((~keep).byte(), dim=1, stable=True)[:, :rows]  # kept rows first
+        picked = blocks_of(x).gather(1, order[..., None].expand(-1, -1, b)) * keep.gather(1, order)[..., None]
+        out[start : start + len(keep), : order.shape[1]] = picked
+        start += len(keep)
+    return out
 
 
 def fit_block_rotations(
@@ -278,12 +288,12 @@ def fit_block_rotations(
     if shared:
         blocks = [_greedy_rotation(_blocks_of(x, b).contiguous(), max_steps, g, True) for x in xs]
     else:
-        stacked = _stack_candidates([_blocks_of(x, b) for x in xs])
+        stacked = _stack_candidates(xs, lambda x: _blocks_of(x, b), b)
         blocks = list(_greedy_rotation(stacked, max_steps, g, False).split(n))
     tails: list[torch.Tensor | None] = [None] * len(xs)
     if r:
         g_tail = _spreading_matrix(r, seed).to(device)
-        stacked = _stack_candidates([x.reshape(-1, c)[None, :, n * b :].double() for x in xs])
+        stacked = _stack_candidates(xs, lambda x: x.reshape(-1, c)[None, :, n * b :].double(), r)
         tails = list(_greedy_rotation(stacked, max_steps, g_tail, False))
     return [BlockRotation(bl.to(x.dtype), None if t is None else t.to(x.dtype)) for bl, t, x in zip(blocks, tails, xs)]
 

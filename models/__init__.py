@@ -12,7 +12,7 @@ import torch
 
 from . import deepseek_moe  # noqa: F401  (registers DeepSeek-MoE v1 with the Auto classes)
 from .errors import ModelLoadError
-from .lazy import LayerStream, LazyCheckpoint, set_tensor
+from .lazy import LayerStream, LazyCheckpoint, return_freed_memory, set_tensor
 from .registry import SPECS, get_spec
 from .spec import LayerView, MLPView, ModelSpec, decoder_layers, resolve
 
@@ -79,6 +79,7 @@ def _lazy_model(path: str, dtype: torch.dtype, stream: bool, spill_dir: str | No
     else:
         for i, layer in enumerate(layers):
             checkpoint.materialize(layer, f"{spec.layers}.{i}.")
+            return_freed_memory()  # the checkpoint-dtype copies just converted
     return model
 
 
