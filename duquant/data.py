@@ -92,6 +92,16 @@ def _documents(name: str) -> list[str]:
 SMALL_REQUEST = 32768
 
 
+def _encode_all(tokenizer, docs: list[str], chunk: int = 256) -> dict[int, torch.Tensor]:
+    """Every document's token ids, tokenized a chunk of documents at a time and without attention
+    masks: the Python lists of a whole source at once (ids and masks) cost ~100 MB for C4 train."""
+    out: dict[int, torch.Tensor] = {}
+    for s in range(0, len(docs), chunk):
+        ids = tokenizer(docs[s : s + chunk], return_attention_mask=False, verbose=False)["input_ids"]
+        out.update((s + j, torch.tensor(x)) for j, x in enumerate(ids))
+    return out
+
+
 def calibration_segments(name: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """nsamples random seqlen windows [nsamples, seqlen], seeded.
 
@@ -106,7 +116,7 @@ def calibration_segments(name: str, tokenizer, nsamples: int, seqlen: int, seed:
         docs = rng.sample(docs, k=min(len(docs), max(4, nsamples // 8)))
     encoded: dict[int, torch.Tensor] = {}
     if nsamples * seqlen > SMALL_REQUEST:
-        encoded = {i: torch.tensor(ids) for i, ids in enumerate(tokenizer(docs, verbose=False)["input_ids"])}
+        encoded = _encode_all(tokenizer, docs)
         usable = sum(ids.numel() for ids in encoded.values() if ids.numel() > seqlen)
         if usable < nsamples * seqlen // 2:
             raise DataError(f"{name} is too small for {nsamples} x {seqlen} calibration tokens: documents longer than "

@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from models.spec import ModelSpec, decoder_layers
 
-from .layerwise import capture_layer_inputs, head_nll, layer_on, run_layer
+from .layerwise import advance, capture_layer_inputs, head_nll, layer_on
 
 
 @torch.no_grad()
@@ -18,6 +18,6 @@ def perplexity(model, spec: ModelSpec, segments: torch.Tensor, device="cpu", bat
     hidden, kwargs = capture_layer_inputs(model, spec, segments, device, batch_size)
     for i in tqdm(range(len(decoder_layers(model, spec))), desc=desc, leave=False):
         with layer_on(model, spec, i, device) as layer:
-            hidden = run_layer(layer, hidden, kwargs)
+            hidden = advance(layer, hidden, kwargs)
     nll = head_nll(model, spec, hidden, segments, device)
     return math.exp(nll.mean().item())

@@ -106,13 +106,24 @@ def _kwargs_for(kwargs: dict, batch: int) -> dict:
     return out
 
 
+def _forward(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    y = layer(x, **_kwargs_for(kwargs, x.shape[0]))
+    return y[0] if isinstance(y, tuple) else y
+
+
 @torch.no_grad()
 def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
-    outs = []
-    for x in inputs:
-        y = layer(x, **_kwargs_for(kwargs, x.shape[0]))
-        outs.append(y[0] if isinstance(y, tuple) else y)
-    return outs
+    """The layer's outputs for every batch of `inputs`, which are kept (hooks observe this pass)."""
+    return [_forward(layer, x, kwargs) for x in inputs]
+
+
+@torch.no_grad()
+def advance(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+    """Moves `hidden` through the layer in place: each batch's output replaces its input as soon as
+    it exists, so a calibration or evaluation set's activations are held once, not twice."""
+    for j, x in enumerate(hidden):
+        hidden[j] = _forward(layer, x, kwargs)
+    return hidden
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from models.spec import LayerView, MLPView, ModelSpec, decoder_layers, resolve
 from . import kvquant, resume
 from .config import DuQuantConfig, GPTQConfig, QuantConfig
 from .gptq import Hessian, gptq_quantize, output_cosine
-from .layerwise import capture_layer_inputs, layer_on, run_layer
+from .layerwise import advance, capture_layer_inputs, layer_on, run_layer
 from .qlinear import QLinear, unwrap
 from .quantizer import ActQuantizer, QuantizedWeight, WeightQuantizer
 from .stats import LayerStats, collect
@@ -494,11 +494,11 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: Quant
                 agreement = RoutingAgreement(fp_router, view.top_k)
                 handle = view.mlp.get_submodule(spec.router).register_forward_hook(agreement)
             t = time.time()
-            inps = run_layer(layer, inps, kwargs)
+            inps = advance(layer, inps, kwargs)
             if view.is_moe:
                 handle.remove()
                 info.update(agreement.summary())
-            extra = run_layer(layer, extra, kwargs)
+            extra = advance(layer, extra, kwargs)
             stats_time += time.time() - t
             report.layers.append(info)
             if checkpoint_dir is not None:

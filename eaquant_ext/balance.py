@@ -14,7 +14,7 @@ import logging
 import torch
 from tqdm import tqdm
 
-from duquant.layerwise import capture_layer_inputs, layer_on, run_layer
+from duquant.layerwise import advance, capture_layer_inputs, layer_on
 from models.spec import ModelSpec, decoder_layers, get_module
 
 log = logging.getLogger(__name__)
@@ -34,11 +34,11 @@ def routing_counts(model, spec: ModelSpec, ids: torch.Tensor, device="cpu") -> t
                 seen: list[torch.Tensor] = []
                 handle = router.register_forward_hook(
                     lambda m, a, out: seen.append(torch.bincount(out[2].reshape(-1).cpu(), minlength=n_exp)))
-                hidden = run_layer(layer, hidden, kwargs)
+                hidden = advance(layer, hidden, kwargs)
                 handle.remove()
                 per_layer.append(torch.stack(seen))
             else:
-                hidden = run_layer(layer, hidden, kwargs)
+                hidden = advance(layer, hidden, kwargs)
     return torch.stack(per_layer, dim=1)
 
 
