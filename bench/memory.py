@@ -6,10 +6,15 @@
 
 Only one decoder layer and the calibration activations live on the accelerator, so
     device peak ~ largest layer's weights
-                + 2 x nsamples x seqlen x hidden x act_bytes   (the layer's inputs and its outputs)
+                + (nsamples + 1) x seqlen x hidden x act_bytes (the calibration activations, advanced
+                                                                through the layer in place: one copy and
+                                                                one sequence's output)
                 + 2 x largest matrix in fp32                   (the transformed working copy and its quantized result)
                 + with --gptq: 4 bytes x in^2 per Hessian of the largest layer (one per expert and input)
     host peak   ~ the whole model + the sampled statistics (rotation_tokens rows per site, fp32)
+                + the rotation fit of the widest group of same-width sites (all experts' down_proj
+                  inputs: rotation_tokens rows each, ~20 bytes per entry: float64 rows, float32
+                  smoothed rows, the float32 search input and its spare; fits run on the host)
                 (+ the device terms above when the device is the CPU);
                 with --stream the whole model is replaced by what lives outside the decoder layers
                 (embeddings, head) plus the one layer read from disk.
@@ -66,17 +71,18 @@ def predict(model, spec, nsamples: int, seqlen: int, rotation_tokens: int, gptq:
     mats = matrices(layers[big])
     d = {
         "layer_weights": per_layer[big] * wbytes,
-        "activations": 2 * nsamples * seqlen * hidden * wbytes,
+        "activations": (nsamples + 1) * seqlen * hidden * wbytes,
         "working_copy": 2 * 4 * max(o * i for _, o, i in mats),
         "gptq_hessians": sum(count * 4 * width**2 for count, width in distinct_inputs(mats)) if gptq else 0,
     }
     model_bytes = sum(p.numel() for p in model.parameters()) * wbytes
     stats = sum(count * rotation_tokens * width * 4 for count, width in distinct_inputs(mats))
+    fit = max(count * width for count, width in distinct_inputs(mats)) * rotation_tokens * 20
     device = sum(d.values())
     resident = model_bytes - (sum(per_layer) - per_layer[big]) * wbytes if stream else model_bytes
-    host = resident + stats + (device - d["layer_weights"] if cpu else 0)
+    host = resident + stats + fit + (device - d["layer_weights"] if cpu else 0)
     return {"model_bytes": model_bytes, "host_model_bytes": resident, **d, "stats": stats,
-            "device_peak": device, "host_peak": host}
+            "rotation_fit": fit, "device_peak": device, "host_peak": host}
 
 
 def rss_bytes(field: str) -> int:

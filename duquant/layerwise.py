@@ -112,9 +112,11 @@ def _forward(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
-    """The layer's outputs for every batch of `inputs`, which are kept (hooks observe this pass)."""
-    return [_forward(layer, x, kwargs) for x in inputs]
+def observe(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> None:
+    """Runs the layer over every batch of `inputs` for the hooks on it; each output is dropped as
+    soon as it exists (keeping them would hold a second copy of the calibration activations)."""
+    for x in inputs:
+        _forward(layer, x, kwargs)
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from models.spec import LayerView, MLPView, ModelSpec, decoder_layers, resolve
 from . import kvquant, resume
 from .config import DuQuantConfig, GPTQConfig, QuantConfig
 from .gptq import Hessian, gptq_quantize, output_cosine
-from .layerwise import advance, capture_layer_inputs, layer_on, run_layer
+from .layerwise import advance, capture_layer_inputs, layer_on, observe
 from .qlinear import QLinear, unwrap
 from .quantizer import ActQuantizer, QuantizedWeight, WeightQuantizer
 from .stats import LayerStats, collect
@@ -465,11 +465,11 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: Quant
             t = time.time()
             with collect(hooked_sites(view), view.router, view.num_experts, cfg.rotation_tokens, seed + i) as stats, \
                     route_all_tokens(model, spec, enabled=route_all and view.is_moe, layer=i):
-                run_layer(layer, inps, kwargs)
+                observe(layer, inps, kwargs)
                 if extra and view.is_moe:
                     routed = {m for e in view.experts for m in (e.gate_proj, e.down_proj)}
                     stats.frozen = {m for m in stats.inputs if m not in routed} | {None}
-                    run_layer(layer, extra, kwargs)
+                    observe(layer, extra, kwargs)
             stats_time += time.time() - t
             t = time.time()
             info = {"layer": i, "moe": view.is_moe}
@@ -486,7 +486,7 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: Quant
                     if extra_pass and not (extra and view.is_moe):
                         return
                     with route_all_tokens(model, spec, enabled=route_all and view.is_moe, layer=i):
-                        run_layer(layer, extra if extra_pass else inps, kwargs)
+                        observe(layer, extra if extra_pass else inps, kwargs)
                 info["gptq"] = gptq_layer(layer, view, lq.deferred, gptq, ext, run)
                 gptq_time += info["gptq"]["seconds"]
             if view.is_moe:

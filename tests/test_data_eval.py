@@ -7,7 +7,9 @@ import torch
 from duquant import data
 from duquant.data import DataError, calibration_segments, ppl_segments, ppl_text
 from duquant.evaluate import perplexity
+from duquant.layerwise import _forward, advance, capture_layer_inputs
 from models import get_spec
+from models.spec import decoder_layers
 from models.tiny import tiny_model, tiny_tokenizer
 
 from .conftest import ALL_ARCHS
@@ -64,3 +66,24 @@ def test_layerwise_perplexity_matches_direct_loss(arch):
     with torch.no_grad():
         direct = math.exp(torch.stack([model(s[None], labels=s[None]).loss for s in seg]).mean().item())
     assert ours == pytest.approx(direct, rel=1e-5)
+
+
+def test_large_calibration_request_draws_the_same_windows(monkeypatch):
+    """Above SMALL_REQUEST every document is encoded up front (in chunks); the windows drawn must
+    be those of encoding each drawn document on its own."""
+    tok = tiny_tokenizer()
+    big = calibration_segments("c4", tok, 40, 1024, seed=3)
+    assert 40 * 1024 > data.SMALL_REQUEST
+    monkeypatch.setattr(data, "SMALL_REQUEST", 10**9)
+    assert torch.equal(big, calibration_segments("c4", tok, 40, 1024, seed=3))
+
+
+def test_advance_replaces_inputs_by_the_layer_outputs():
+    model, tok = tiny_model("mixtral")
+    spec = get_spec(model)
+    hidden, kwargs = capture_layer_inputs(model, spec, ppl_segments("wikitext2", tok, 32, max_segments=3), "cpu", 2)
+    layer = decoder_layers(model, spec)[0]
+    expected = [_forward(layer, x, kwargs) for x in hidden]
+    moved = advance(layer, hidden, kwargs)
+    assert moved is hidden and len(moved) == len(expected) == 2
+    assert all(torch.equal(a, b) for a, b in zip(moved, expected))
