@@ -53,9 +53,12 @@ class QLinear(nn.Module):
 
     def set_quantized(self, quantized: QuantizedWeight) -> None:
         """The grid (scale, zero, g_idx) is kept as buffers so it moves, spills and is released
-        with the layer; it can be computed on another device than the one the layer ends on."""
+        with the layer; it can be computed on another device than the one the layer ends on.
+
+        The weight is written into the existing storage: a fresh tensor per linear, with the old
+        one freed only after it, grew the heap by about one layer per quantized layer."""
         device = self.inner.weight.device
-        self.inner.weight.data = quantized.weight.to(device, self.inner.weight.dtype)
+        self.inner.weight.data.copy_(quantized.weight)
         self.bits, self.sym = quantized.bits, quantized.sym
         for name in self.GRID:
             value = getattr(quantized, name)
