@@ -197,7 +197,8 @@ def _candidate_mask(xb: torch.Tensor) -> torch.Tensor:
 def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: bool) -> torch.Tensor:
     """Greedy outlier-spreading search on xb [n, T, b]; returns [n, b, b], or [1, b, b] if shared.
 
-    For the per-block rule xb holds only the candidate rows (`_stack_candidates`).
+    For the per-block rule xb holds only the candidate rows (`_stack_candidates`). A float32 xb
+    becomes one of the search's two row buffers and is overwritten.
 
     All blocks step together (blocks of many sites can be stacked into one search: each block's
     search is independent). Per block (paper's rule) each step spreads the channel holding that
