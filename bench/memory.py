@@ -12,9 +12,10 @@ Only one decoder layer and the calibration activations live on the accelerator, 
                 + 2 x largest matrix in fp32                   (the transformed working copy and its quantized result)
                 + with --gptq: 4 bytes x in^2 per Hessian of the largest layer (one per expert and input)
     host peak   ~ the whole model + the sampled statistics (rotation_tokens rows per site, fp32)
-                + the rotation fit of the widest group of same-width sites (all experts' down_proj
-                  inputs: rotation_tokens rows each, ~20 bytes per entry: float64 rows, float32
-                  smoothed rows, the float32 search input and its spare; fits run on the host)
+                + the rotation fit of the widest group of same-width sites searched together (the
+                  experts' down_proj inputs, as many as FIT_BATCH_ENTRIES allows: rotation_tokens
+                  rows each, ~20 bytes per entry: float64 rows, float32 smoothed rows, the float32
+                  search input and its spare; fits run on the host)
                 (+ the device terms above when the device is the CPU);
                 with --stream the whole model is replaced by what lives outside the decoder layers
                 (embeddings, head) plus the one layer read from disk.
@@ -61,6 +62,7 @@ def distinct_inputs(mats: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
 
 def predict(model, spec, nsamples: int, seqlen: int, rotation_tokens: int, gptq: bool, cpu: bool,
             stream: bool = False) -> dict:
+    from duquant.pipeline import FIT_BATCH_ENTRIES
     from models.spec import decoder_layers
 
     layers = decoder_layers(model, spec)
@@ -77,7 +79,8 @@ def predict(model, spec, nsamples: int, seqlen: int, rotation_tokens: int, gptq:
     }
     model_bytes = sum(p.numel() for p in model.parameters()) * wbytes
     stats = sum(count * rotation_tokens * width * 4 for count, width in distinct_inputs(mats))
-    fit = max(count * width for count, width in distinct_inputs(mats)) * rotation_tokens * 20
+    fit = max(min(count, max(1, FIT_BATCH_ENTRIES // (rotation_tokens * width))) * width
+              for count, width in distinct_inputs(mats)) * rotation_tokens * 20
     device = sum(d.values())
     resident = model_bytes - (sum(per_layer) - per_layer[big]) * wbytes if stream else model_bytes
     host = resident + stats + fit + (device - d["layer_weights"] if cpu else 0)

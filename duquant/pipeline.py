@@ -38,6 +38,12 @@ from .transforms import Compose, fit_rotations, fit_smooth
 log = logging.getLogger(__name__)
 
 
+# Calibration rows x width of the sites whose rotations are fitted in one joint search. The fit
+# holds about 20 bytes per entry on the host (float64 rows, float32 search input and its spare), so
+# this caps it near 0.3 GB: all experts of a zoo model at once, one Mixtral-8x7B expert at a time.
+FIT_BATCH_ENTRIES = 2**24
+
+
 @dataclass
 class Extensions:
     """Replaceable steps. Each receives the layer view and its statistics.
@@ -112,10 +118,15 @@ class LayerQuantizer:
         return self.rotations_many([x])[0] if x is not None else None
 
     def rotations_many(self, xs: list[torch.Tensor]) -> list[nn.Module | None]:
-        """`rotations` for several sites with the same width (all experts of a layer) in one search."""
-        c = self.cfg
-        if not xs or not (c.rotate or c.permute):
+        """`rotations` for several sites with the same width (all experts of a layer), as few joint
+        searches as `FIT_BATCH_ENTRIES` allows (each site's result is the same either way)."""
+        if not xs or not (self.cfg.rotate or self.cfg.permute):
             return [None] * len(xs)
+        per = max(1, FIT_BATCH_ENTRIES // max(x.numel() for x in xs))
+        return [t for s in range(0, len(xs), per) for t in self._joint_rotations(xs[s : s + per])]
+
+    def _joint_rotations(self, xs: list[torch.Tensor]) -> list[nn.Module]:
+        c = self.cfg
         steps: list[list[nn.Module]] = [[] for _ in xs]
         for _ in range(c.permutation_times):
             ts = fit_rotations(xs, c.block_size, c.max_rotation_step, c.permute, c.rotate, self.seed,
