@@ -39,20 +39,12 @@ def best_time(work, repeats: int = 2) -> float:
     return min(times)
 
 
-def reset_peak_rss() -> None:
-    """Restart the kernel's peak-RSS count (VmHWM, which ru_maxrss reads) so the reported peak is
-    the quantization's and its evaluation's, not the FP reference passes' above (Linux >= 4.0)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError as e:
-        raise SystemExit(f"error: cannot reset the peak-RSS count ({e}); this benchmark needs Linux >= 4.0") from None
-
-
 def phase(args) -> dict:
     from duquant.config import DuQuantConfig, QuantConfig
     from duquant.data import calibration_segments, ppl_segments
     from duquant.evaluate import perplexity
     from duquant.pipeline import quantize_model
+    from memory import reset_peak_rss  # bench/memory.py, beside this script
     from models import get_spec, load_model
 
     rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -66,7 +58,7 @@ def phase(args) -> dict:
     out["fp_pass_s"] = best_time(lambda: perplexity(model, spec, calib, batch_size=1, desc="FP calibration pass"))
     out["fp_eval_tok_s"] = evalset.numel() / best_time(lambda: perplexity(model, spec, evalset, desc="FP eval"))
     out["peak_rss_with_fp_passes_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    reset_peak_rss()
+    reset_peak_rss()  # the peak reported below is the quantization's and its evaluation's
     if args.phase == "quantize":
         t = time.time()
         method = DuQuantConfig(rotation_tokens=args.rotation_tokens, max_rotation_step=args.max_rotation_step)

@@ -62,7 +62,7 @@ def distinct_inputs(mats: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
 
 def predict(model, spec, nsamples: int, seqlen: int, rotation_tokens: int, gptq: bool, cpu: bool,
             stream: bool = False) -> dict:
-    from duquant.pipeline import FIT_BATCH_ENTRIES
+    from duquant.pipeline import sites_per_search
     from models.spec import decoder_layers
 
     layers = decoder_layers(model, spec)
@@ -71,21 +71,30 @@ def predict(model, spec, nsamples: int, seqlen: int, rotation_tokens: int, gptq:
     per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
     big = max(range(len(layers)), key=per_layer.__getitem__)
     mats = matrices(layers[big])
+    inputs = distinct_inputs(mats)
     d = {
         "layer_weights": per_layer[big] * wbytes,
         "activations": (nsamples + 1) * seqlen * hidden * wbytes,
         "working_copy": 2 * 4 * max(o * i for _, o, i in mats),
-        "gptq_hessians": sum(count * 4 * width**2 for count, width in distinct_inputs(mats)) if gptq else 0,
+        "gptq_hessians": sum(count * 4 * width**2 for count, width in inputs) if gptq else 0,
     }
     model_bytes = sum(p.numel() for p in model.parameters()) * wbytes
-    stats = sum(count * rotation_tokens * width * 4 for count, width in distinct_inputs(mats))
-    fit = max(min(count, max(1, FIT_BATCH_ENTRIES // (rotation_tokens * width))) * width
-              for count, width in distinct_inputs(mats)) * rotation_tokens * 20
+    stats = sum(count * rotation_tokens * width * 4 for count, width in inputs)
+    fit = max(min(count, sites_per_search(rotation_tokens * width)) * width for count, width in inputs) * rotation_tokens * 20
     device = sum(d.values())
     resident = model_bytes - (sum(per_layer) - per_layer[big]) * wbytes if stream else model_bytes
     host = resident + stats + fit + (device - d["layer_weights"] if cpu else 0)
     return {"model_bytes": model_bytes, "host_model_bytes": resident, **d, "stats": stats,
             "rotation_fit": fit, "device_peak": device, "host_peak": host}
+
+
+def reset_peak_rss() -> None:
+    """Restart the kernel's peak-RSS count (VmHWM, which ru_maxrss reads), so a later reading is
+    the peak of what ran since (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError as e:
+        raise SystemExit(f"error: cannot reset the peak-RSS count ({e}); this needs Linux >= 4.0") from None
 
 
 def rss_bytes(field: str) -> int:
@@ -122,7 +131,7 @@ def main() -> None:
         tok = None
     else:
         if args.measure:
-            Path("/proc/self/clear_refs").write_text("5")  # restart the RSS high-water mark here
+            reset_peak_rss()
             interpreter = rss_bytes("VmRSS")
             if not cpu:  # the CUDA context and cuBLAS cost host memory of their own, whatever the model
                 torch.ones(8, 8, device=args.device) @ torch.ones(8, 8, device=args.device)

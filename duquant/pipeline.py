@@ -44,6 +44,12 @@ log = logging.getLogger(__name__)
 FIT_BATCH_ENTRIES = 2**24
 
 
+def sites_per_search(entries_per_site: int) -> int:
+    """How many sites of `entries_per_site` calibration entries (rows x width) one joint rotation
+    search takes (at least one)."""
+    return max(1, FIT_BATCH_ENTRIES // entries_per_site)
+
+
 @dataclass
 class Extensions:
     """Replaceable steps. Each receives the layer view and its statistics.
@@ -122,7 +128,7 @@ class LayerQuantizer:
         searches as `FIT_BATCH_ENTRIES` allows (each site's result is the same either way)."""
         if not xs or not (self.cfg.rotate or self.cfg.permute):
             return [None] * len(xs)
-        per = max(1, FIT_BATCH_ENTRIES // max(x.numel() for x in xs))
+        per = sites_per_search(max(x.numel() for x in xs))
         return [t for s in range(0, len(xs), per) for t in self._joint_rotations(xs[s : s + per])]
 
     def _joint_rotations(self, xs: list[torch.Tensor]) -> list[nn.Module]:
