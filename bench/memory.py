@@ -9,13 +9,15 @@ Only one decoder layer and the calibration activations live on the accelerator, 
                 + (nsamples + 1) x seqlen x hidden x act_bytes (the calibration activations, advanced
                                                                 through the layer in place: one copy and
                                                                 one sequence's output)
-                + 2 x largest matrix in fp32                   (the transformed working copy and its quantized result)
-                + with --gptq: 4 bytes x in^2 per Hessian of the largest layer (one per expert and input)
-    host peak   ~ the whole model + the sampled statistics (rotation_tokens rows per site, fp32)
-                + the rotation fit of the widest group of same-width sites searched together (the
+                + the larger of (not at the same time):
+                  2 x largest matrix in fp32                   (the transformed working copy and its quantized result)
+                  the rotation fit of the widest group of same-width sites searched together (the
                   experts' down_proj inputs, as many as FIT_BATCH_ENTRIES allows: rotation_tokens
-                  rows each, ~20 bytes per entry: float64 rows, float32 smoothed rows, the float32
-                  search input and its spare; fits run on the host)
+                  rows each, ~20 bytes per entry: float32 and float64 rows, the float32 search
+                  input and its spare; the search runs on the layer's device)
+                + with --gptq: 4 bytes x in^2 per Hessian of the largest layer (one per expert and input)
+    host peak   ~ the whole model + the sampled statistics (rotation_tokens rows per site, fp32; an
+                  expert's smoothed rows replace its raw ones)
                 (+ the device terms above when the device is the CPU);
                 with --stream the whole model is replaced by what lives outside the decoder layers
                 (embeddings, head) plus the one layer read from disk.
@@ -81,9 +83,9 @@ def predict(model, spec, nsamples: int, seqlen: int, rotation_tokens: int, gptq:
     model_bytes = sum(p.numel() for p in model.parameters()) * wbytes
     stats = sum(count * rotation_tokens * width * 4 for count, width in inputs)
     fit = max(min(count, sites_per_search(rotation_tokens * width)) * width for count, width in inputs) * rotation_tokens * 20
-    device = sum(d.values())
+    device = d["layer_weights"] + d["activations"] + max(d["working_copy"], fit) + d["gptq_hessians"]
     resident = model_bytes - (sum(per_layer) - per_layer[big]) * wbytes if stream else model_bytes
-    host = resident + stats + fit + (device - d["layer_weights"] if cpu else 0)
+    host = resident + stats + (device - d["layer_weights"] if cpu else 0)
     return {"model_bytes": model_bytes, "host_model_bytes": resident, **d, "stats": stats,
             "rotation_fit": fit, "device_peak": device, "host_peak": host}
 

@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 
 
 # Calibration rows x width of the sites whose rotations are fitted in one joint search. The fit
-# holds about 20 bytes per entry on the host (float64 rows, float32 search input and its spare), so
-# this caps it near 0.3 GB: all experts of a zoo model at once, one Mixtral-8x7B expert at a time.
+# holds about 20 bytes per entry on the layer's device (float32 rows, float64 rows, float32 search
+# input and its spare), so this caps it near 0.3 GB: all experts of a zoo model at once, one
+# Mixtral-8x7B expert at a time.
 FIT_BATCH_ENTRIES = 2**24
 
 
@@ -107,8 +108,12 @@ class LayerQuantizer:
     """Fits and applies DuQuant to one resolved decoder layer."""
 
     def __init__(self, quant: QuantConfig, cfg: DuQuantConfig, ext: Extensions, seed: int, defer: bool = False,
-                 profile: bool = False):
+                 profile: bool = False, device: torch.device | str = "cpu"):
         self.q, self.cfg, self.ext, self.seed = quant, cfg, ext, seed
+        # Statistics are kept on the host, but the rotation searches (steps x rows x b^2 matmuls,
+        # about 40 TFLOP per Mixtral-8x7B layer: most of a minute on a 16-core host, about a second
+        # on a GPU) run where the layer runs.
+        self.device = torch.device(device)
         self.profile = profile  # record per-channel max |x| before/after the transforms (plots)
         self.w_quant = WeightQuantizer(quant.wbits, quant.w_sym, quant.swc, quant.w_clip)
         self.notes: list[str] = []
@@ -129,7 +134,8 @@ class LayerQuantizer:
         if not xs or not (self.cfg.rotate or self.cfg.permute):
             return [None] * len(xs)
         per = sites_per_search(max(x.numel() for x in xs))
-        return [t for s in range(0, len(xs), per) for t in self._joint_rotations(xs[s : s + per])]
+        return [t for s in range(0, len(xs), per)
+                for t in self._joint_rotations([x.to(self.device) for x in xs[s : s + per]])]
 
     def _joint_rotations(self, xs: list[torch.Tensor]) -> list[nn.Module]:
         c = self.cfg
@@ -177,7 +183,7 @@ class LayerQuantizer:
 
     def down_site(self, mlp: MLPView, down_stats) -> torch.Tensor:
         """Fold down-in smoothing into up_proj; returns the smoothed down-in rows to fit rotations on."""
-        x = down_stats.sample
+        x = down_stats.take()
         if self.cfg.smooth:
             s = fit_smooth(down_stats.absmax, weight_absmax([mlp.down_proj]), self.cfg.alpha).scale
             fold_into_up(mlp, s)
@@ -260,7 +266,7 @@ def quantize_layer(view: LayerView, stats: LayerStats, lq: LayerQuantizer) -> tu
     for e, expert in enumerate(view.experts):
         gate_stats, down_stats = stats[expert.gate_proj], stats[expert.down_proj]
         if gate_stats.count >= cfg.min_expert_tokens:
-            x_in.append(gate_stats.sample / s)
+            x_in.append(gate_stats.take() / s)
         else:
             fallbacks.append(e)
             x_in.append(x_all)
@@ -492,7 +498,8 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: Quant
             info = {"layer": i, "moe": view.is_moe}
             if extra and view.is_moe:
                 info["expert_tokens_balanced"] = [stats[e.gate_proj].count for e in view.experts]
-            lq = LayerQuantizer(quant, cfg, ext, seed + i, defer=gptq is not None, profile=i == profile_layer)
+            lq = LayerQuantizer(quant, cfg, ext, seed + i, defer=gptq is not None, profile=i == profile_layer,
+                                device=device)
             layer_info, fp_router = quantize_layer(view, stats, lq)
             info.update(layer_info)
             if quant.kv_bits < 16:

@@ -29,14 +29,31 @@ class InputStats:
         amax = x.abs().amax(0).float().cpu()
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
         self.count += x.shape[0]
+        old = 0 if self._keys is None else self._keys.numel()
         keys = torch.rand(x.shape[0], generator=self.generator)
-        rows = x.to(torch.promote_types(x.dtype, torch.float32)).cpu()
-        if self.sample is not None:
-            keys, rows = torch.cat([self._keys, keys]), torch.cat([self.sample, rows])
-        if keys.numel() > self.cap:
-            keep = keys.topk(self.cap, largest=False).indices
-            keys, rows = keys[keep], rows[keep]
-        self._keys, self.sample = keys, rows
+        keys = keys if self._keys is None else torch.cat([self._keys, keys])
+        keep = keys.topk(self.cap, largest=False).indices if keys.numel() > self.cap else torch.arange(keys.numel())
+        self._keys, self.sample = keys[keep], self._gather(keep, old, x)
+
+    def take(self) -> torch.Tensor:
+        """The sample, handed to its last reader: the statistics stop holding it, so the reader's
+        smoothed copy replaces the raw rows in memory rather than joining them (the experts' rows
+        are most of a layer's statistics)."""
+        sample, self.sample = self.sample, None
+        return sample
+
+    def _gather(self, keep: torch.Tensor, old: int, x: torch.Tensor) -> torch.Tensor:
+        """The kept rows, in `keep`'s order: index < old from the sample, the rest from the batch x.
+
+        Only the batch's kept rows are copied (and moved off the accelerator): once the sample is
+        full that is a few rows per batch, where copying the whole batch first cost a transfer and
+        a (cap + batch)-row concatenation per hooked module and batch."""
+        new = keep >= old
+        rows = torch.empty(keep.numel(), x.shape[-1], dtype=torch.promote_types(x.dtype, torch.float32))
+        if old:
+            rows[~new] = self.sample[keep[~new]]
+        rows[new] = x[(keep[new] - old).to(x.device)].to("cpu", rows.dtype)
+        return rows
 
 
 @dataclass

@@ -131,3 +131,22 @@ def test_expert_rotations_fitted_in_several_searches_match_one(monkeypatch):
     monkeypatch.setattr(pipeline, "FIT_BATCH_ENTRIES", 1)  # one site per search
     split = _quantize("mixtral", QuantConfig(4, 4), DuQuantConfig(**FAST))[2]
     torch.testing.assert_close(split, whole, rtol=0, atol=1e-6)  # bit-identical here
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_statistics_sample_is_the_rows_with_the_smallest_keys(dtype):
+    """Priority sampling: whatever the batches, the sample is the `cap` rows of all batches whose
+    random keys are smallest, in key order and at least float32; max |x| and the count see all rows."""
+    from duquant.stats import InputStats
+
+    batches = [torch.randn(n, 6, generator=torch.Generator().manual_seed(n)).to(dtype) for n in (7, 30, 0, 40, 100, 3)]
+    stats = InputStats(cap=50, generator=torch.Generator().manual_seed(1))
+    for x in batches:
+        stats.update(x)
+    gen = torch.Generator().manual_seed(1)
+    keys = torch.cat([torch.rand(x.shape[0], generator=gen) for x in batches])
+    rows = torch.cat(batches).float()
+    order = keys.argsort()[:50]
+    assert stats.sample.dtype == torch.float32
+    assert torch.equal(stats.sample, rows[order]) and torch.equal(stats._keys, keys[order])
+    assert stats.count == rows.shape[0] and torch.equal(stats.absmax, rows.abs().amax(0))
