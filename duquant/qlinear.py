@@ -39,7 +39,7 @@ class QLinear(nn.Module):
         model is loaded this way). The grid is kept (not a second weight) for packing."""
         super().__init__()
         if transform is not None:
-            transform.to(inner.weight.device)  # fit from statistics kept on the CPU; runs where W lives
+            transform.to(inner.weight.device)  # smoothing is fit on the CPU, rotations on the layer's device
             if getattr(transform, "shared_input", None) is None:
                 transform.shared_input = SharedInput()
             transform.shared_input.readers += 1

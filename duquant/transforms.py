@@ -10,7 +10,8 @@ activations and weights whose outliers have been flattened. `inverse_act` undoes
 they are stored compactly: a vector of scales, an index vector, b x b blocks. Each
 method computes in the wider of the input's and the buffer's dtype and returns the
 input's dtype, on the input's device (statistics live on the CPU and the rotation search
-runs on the layer's device, so a transform may be fitted on one device and used on another). The fitting functions work in float64 (the greedy search in float32, see
+runs on the layer's device, so a transform may be fitted on one device and used on
+another). The fitting functions work in float64 (the greedy search in float32, see
 `_greedy_rotation`) and return buffers in the dtype of their input statistics (the model
 dtype), as QuaRot does.
 
