@@ -27,7 +27,7 @@ import torch
 from duquant.config import ConfigError, DuQuantConfig, GPTQConfig, QuantConfig
 from duquant.data import CALIB_DATASETS, PPL_DATASETS, DataError, calibration_segments, ppl_segments
 from duquant.diagnostics import plot_run, summarize
-from duquant.evaluate import perplexity
+from duquant.evaluate import FPStates, divergence_from_fp, perplexity
 from duquant.packed import QuantizedLoadError, check_save_dir, load_quantized, save_quantized
 from duquant.pipeline import Extensions, quantize_model
 from duquant.zeroshot import TASKS, check_tasks, evaluate_tasks
@@ -223,18 +223,25 @@ def build_configs(args) -> tuple[QuantConfig, DuQuantConfig]:
     return quant, duq
 
 
-def evaluate(model, spec, tokenizer, segments: dict, args, device, label: str) -> tuple[dict, dict, dict]:
-    """Perplexity on every set, then the zero-shot tasks: the same for the FP and the quantized model."""
-    ppl, tasks, times = {}, {}, {}
+def evaluate(model, spec, tokenizer, segments: dict, args, device, label: str,
+             keep: FPStates | None = None, against: FPStates | None = None) -> tuple[dict, dict, dict, dict]:
+    """Perplexity on every set, then the zero-shot tasks: the same for the FP and the quantized model.
+    The FP pass keeps its last-layer states in `keep`; the quantized pass compares with them (`against`)
+    for each set's KL to FP and top-1 agreement (duquant/evaluate.py, docs/evaluation.md)."""
+    ppl, kl, tasks, times = {}, {}, {}, {}
     t = time.time()
     for name, seg in segments.items():
-        ppl[name] = perplexity(model, spec, seg, device, args.eval_batch_size, desc=f"{label} {name}")
+        desc = f"{label} {name}"
+        if against is not None:
+            ppl[name], kl[name] = divergence_from_fp(model, spec, seg, against.sets[name], device, args.eval_batch_size, desc)
+        else:
+            ppl[name] = perplexity(model, spec, seg, device, args.eval_batch_size, desc, keep.sets[name] if keep else None)
     times["eval"] = time.time() - t
     if args.tasks_list:
         t = time.time()
         tasks = evaluate_tasks(model, tokenizer, args.tasks_list, args.limit, args.eval_batch_size, device)
         times["tasks"] = time.time() - t
-    return ppl, tasks, times
+    return ppl, kl, tasks, times
 
 
 def plot_layer(args, model) -> int:
@@ -301,8 +308,8 @@ def run_loaded(args) -> dict:
     segments = {name: ppl_segments(name, tokenizer, args.seqlen, args.ppl_samples) for name in args.eval_ppl_list}
     result = {"model": cfg["model"], "method": cfg["method"], "seed": cfg["run"]["seed"], "loaded_from": str(args.load),
               "config": cfg, "eval": {k: args_value(v) for k, v in vars(args).items()},
-              "ppl_fp": {}, "tasks_fp": {}, "timings": timings}
-    result["ppl"], result["tasks"], times = evaluate(model, spec, tokenizer, segments, args, device, cfg["method"])
+              "ppl_fp": {}, "kl_fp": {}, "tasks_fp": {}, "timings": timings}
+    result["ppl"], _, result["tasks"], times = evaluate(model, spec, tokenizer, segments, args, device, cfg["method"])
     timings.update(times)
     result["peak_memory_mb"] = peak_memory_mb(device)
     result["versions"] = versions()
@@ -363,9 +370,11 @@ def run(args) -> dict:
               "config": {"run": {k: args_value(v) for k, v in vars(args).items()},
                          "quant": asdict(quant), "duquant": asdict(duq), "eaquant": asdict(ea),
                          "gptq": asdict(gptq) if gptq is not None else None, "moequant": asdict(mq)},
-              "ppl": {}, "ppl_fp": {}, "tasks": {}, "tasks_fp": {}, "timings": timings}
+              "ppl": {}, "ppl_fp": {}, "kl_fp": {}, "tasks": {}, "tasks_fp": {}, "timings": timings}
+    fp_states = FPStates(out_dir, segments) if args.compare_fp and args.method != "fp" and segments else None
     if args.compare_fp and args.method != "fp":
-        result["ppl_fp"], result["tasks_fp"], times = evaluate(model, spec, tokenizer, segments, args, device, "FP")
+        result["ppl_fp"], _, result["tasks_fp"], times = evaluate(model, spec, tokenizer, segments, args, device, "FP",
+                                                                  keep=fp_states)
         timings.update({f"{k}_fp": v for k, v in times.items()})
     if args.method != "fp":
         t = time.time()
@@ -412,7 +421,10 @@ def run(args) -> dict:
             result["saved"] = {"dir": str(args.save_dir), **saved}
             print(f"saved {args.save_dir}: quantized linears {saved['quantized_linears_bytes'] / 2**20:.1f} MiB = "
                   f"{saved['ratio']:.3f}x their bf16 size; directory {saved['total_bytes'] / 2**20:.1f} MiB")
-    result["ppl"], result["tasks"], times = evaluate(model, spec, tokenizer, segments, args, device, args.method)
+    result["ppl"], result["kl_fp"], result["tasks"], times = evaluate(model, spec, tokenizer, segments, args, device,
+                                                                      args.method, against=fp_states)
+    if fp_states is not None:
+        fp_states.close()
     timings.update(times)
     result["peak_memory_mb"] = peak_memory_mb(device)
     result["versions"] = versions()
@@ -455,6 +467,10 @@ def print_summary(result: dict, out_dir: Path) -> None:
         if result["ppl_fp"]:
             print("| FP | " + " | ".join(f"{result['ppl_fp'][n]:.2f}" for n in names) + " |")
         print(f"| {label} | " + " | ".join(f"{result['ppl'][n]:.2f}" for n in names) + " |")
+        kl = result.get("kl_fp") or {}
+        if kl:
+            print("| KL to FP, mean (p99) | " + " | ".join(f"{kl[n]['mean']:.4f} ({kl[n]['p99']:.3f})" for n in names) + " |")
+            print("| top-1 agreement with FP | " + " | ".join(f"{100 * kl[n]['top1_agreement']:.2f}%" for n in names) + " |")
     if result["tasks"]:
         fp = result.get("tasks_fp") or {}
         print("\n| task | metric | " + ("FP | " if fp else "") + label + " |\n|---|---|" + "---|" * (2 if fp else 1))

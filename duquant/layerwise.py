@@ -128,18 +128,29 @@ def advance(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict) -> list[
     return hidden
 
 
-@torch.no_grad()
-def head_nll(model, spec: ModelSpec, hidden: list[torch.Tensor], input_ids: torch.Tensor, device) -> torch.Tensor:
-    """Per-window mean next-token NLL from the last layer's outputs.
+def windows(hidden: list[torch.Tensor]):
+    """The windows of a batched activation list, one [seqlen, hidden] tensor at a time."""
+    return (w for batch in hidden for w in batch)
 
-    One window at a time: a batch's fp32 logits (and the log-softmax beside them) are the largest
+
+@contextmanager
+def head_on(model: nn.Module, spec: ModelSpec, device: torch.device):
+    """The final norm and LM head on `device`, as a function from one window's last-layer states
+    (on `device`) to its fp32 logits.
+
+    One window at a time: a window's fp32 logits (and the log-softmax beside them) are the largest
     tensors of an evaluation, vocab / hidden times the hidden states (32x for the zoo).
     """
     norm, head = get_module(model, spec.final_norm), get_module(model, spec.lm_head)
-    nlls = torch.empty(input_ids.shape[0])
-    windows = (w for h in hidden for w in h)
     with non_layer_modules_on(model, spec, device):
-        for k, (h, ids) in enumerate(zip(windows, input_ids)):
-            logits = head(norm(h[None])).float()[0]
-            nlls[k] = nn.functional.cross_entropy(logits[:-1], ids[1:].to(device))
+        yield lambda h: head(norm(h[None])).float()[0]
+
+
+@torch.no_grad()
+def head_nll(model, spec: ModelSpec, hidden: list[torch.Tensor], input_ids: torch.Tensor, device) -> torch.Tensor:
+    """Per-window mean next-token NLL from the last layer's outputs."""
+    nlls = torch.empty(input_ids.shape[0])
+    with head_on(model, spec, device) as logits_of:
+        for k, (h, ids) in enumerate(zip(windows(hidden), input_ids)):
+            nlls[k] = nn.functional.cross_entropy(logits_of(h)[:-1], ids[1:].to(device))
     return nlls

@@ -1,0 +1,146 @@
+"""KL to FP and top-1 agreement (duquant/evaluate.py): zero when nothing is quantized, equal to a
+direct full-logits computation, and computed without memory that grows with the FP logits."""
+import json
+import weakref
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import main
+from duquant.config import DuQuantConfig, QuantConfig
+from duquant.data import calibration_segments, ppl_segments
+from duquant.evaluate import FPStates, divergence_from_fp, perplexity
+from duquant.layerwise import head_on, windows
+from duquant.pipeline import quantize_model
+from models import get_spec
+from models.tiny import tiny_model
+
+FAST = ["--nsamples", "2", "--seqlen", "64", "--ppl_samples", "3", "--block_size", "32", "--max_rotation_step", "8",
+        "--rotation_tokens", "64"]
+
+
+def _main(tmp_path, capsys, *argv):
+    assert main.main(["--model", "tiny-mixtral", *FAST, "--output_dir", str(tmp_path), *argv]) == 0
+    return json.loads((tmp_path / "results.json").read_text()), capsys.readouterr().out
+
+
+def test_nothing_quantized_gives_zero_kl_and_full_agreement(tmp_path, capsys):
+    res, out = _main(tmp_path, capsys, "--method", "duquant", "--wbits", "16", "--abits", "16", "--kv_bits", "16",
+                     "--router_wbits", "16", "--router_abits", "16", "--eval_ppl", "wikitext2,c4")
+    assert set(res["kl_fp"]) == {"wikitext2", "c4"}
+    for kl in res["kl_fp"].values():
+        assert abs(kl["mean"]) < 1e-6 and abs(kl["p99"]) < 1e-5
+        assert kl["top1_agreement"] == 1.0 and kl["tokens"] == 3 * 63
+    assert "KL to FP" in out and "top-1 agreement with FP" in out
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # the FP states' folder is gone
+
+
+def test_quantized_run_records_kl_and_fp_runs_record_none(tmp_path, capsys):
+    res, out = _main(tmp_path / "q", capsys, "--method", "rtn", "--wbits", "3", "--abits", "4", "--eval_ppl", "wikitext2")
+    kl = res["kl_fp"]["wikitext2"]
+    assert kl["mean"] > 1e-3 and kl["p99"] > kl["mean"] and 0 < kl["top1_agreement"] < 1
+    for argv in (["--method", "fp"], ["--method", "rtn", "--no-compare_fp"]):
+        res, out = _main(tmp_path / argv[1], capsys, *argv, "--eval_ppl", "wikitext2")
+        assert res["kl_fp"] == {} and "KL to FP" not in out
+
+
+def _direct_kl(fp_logits: torch.Tensor, q_logits: torch.Tensor):
+    """Per token, the next-token predictions 0..seqlen-2 of every window, from whole-model logits."""
+    fp, q = fp_logits[:, :-1].flatten(0, 1), q_logits[:, :-1].flatten(0, 1)
+    kl = F.kl_div(q.log_softmax(-1), fp.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    return kl, (fp.argmax(-1) == q.argmax(-1)).double().mean().item()
+
+
+def test_kl_matches_a_direct_computation(tmp_path):
+    model, tok = tiny_model("mixtral")
+    spec = get_spec(model)
+    seg = ppl_segments("wikitext2", tok, 64, 4)
+    with torch.no_grad():
+        fp_logits = model(seg).logits
+    states = FPStates(tmp_path, ["wikitext2"])
+    perplexity(model, spec, seg, batch_size=2, keep=states.sets["wikitext2"])
+    quantize_model(model, spec, calibration_segments("c4", tok, 2, 64, 0), QuantConfig(4, 4),
+                   DuQuantConfig(block_size=32, max_rotation_step=8), seed=0)
+    with torch.no_grad():
+        q_logits = model(seg).logits
+    ppl, ours = divergence_from_fp(model, spec, seg, states.sets["wikitext2"], batch_size=2)
+    states.close()
+    kl, agreement = _direct_kl(fp_logits, q_logits)
+    assert kl.mean().item() > 1e-3  # a real quantization
+    assert abs(ours["mean"] - kl.mean().item()) < 1e-4 * kl.mean().item()
+    assert abs(ours["p99"] - float(np.percentile(kl.numpy(), 99))) < 1e-4 * ours["p99"]
+    assert abs(ours["top1_agreement"] - agreement) <= 1 / kl.numel() and ours["tokens"] == kl.numel()
+    assert ppl == perplexity(model, spec, seg, batch_size=2)  # the same perplexity as without the comparison
+    assert not states.folder.exists()
+
+
+class _PeakTensorBytes(TorchDispatchMode):
+    """Peak bytes of the storages that tensors produced by torch ops keep alive, a storage counted
+    until the last tensor (or view) produced on it is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs: dict[int, list[int]] = {}  # data_ptr -> [tensors alive, bytes]
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
+                self._track(t)
+        return out
+
+    def _track(self, t: torch.Tensor) -> None:
+        key = t.untyped_storage().data_ptr()
+        entry = self.refs.setdefault(key, [0, t.untyped_storage().nbytes()])
+        if entry[0] == 0:
+            self.now += entry[1]
+            self.peak = max(self.peak, self.now)
+        entry[0] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.refs[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.now -= entry[1]
+            del self.refs[key]
+
+
+def _peak_bytes(fn) -> int:
+    with _PeakTensorBytes() as meter:
+        fn()
+    return meter.peak
+
+
+def _kept_logits(model, spec, seg):
+    """What the comparison must not do: hold every window's logits at once (the meter's control)."""
+    hidden = [seg.new_zeros(seg.shape[0], seg.shape[1], model.config.hidden_size, dtype=torch.float32)]
+    with head_on(model, spec, torch.device("cpu")) as logits_of:
+        return [logits_of(h) for h in windows(hidden)]
+
+
+def test_memory_does_not_grow_with_the_fp_logits(tmp_path):
+    model, tok = tiny_model("mixtral")
+    spec = get_spec(model)
+    seqlen, vocab, hidden = 128, model.config.vocab_size, model.config.hidden_size
+    quantize_model(model, spec, calibration_segments("c4", tok, 2, seqlen, 0), QuantConfig(4, 4),
+                   DuQuantConfig.rtn(), seed=0)
+    peaks, file_bytes = {}, {}
+    for n in (2, 8):
+        seg = ppl_segments("wikitext2", tok, seqlen, n)
+        assert seg.shape[0] == n
+        states = FPStates(tmp_path, ["w"])
+        perplexity(model, spec, seg, batch_size=2, keep=states.sets["w"])
+        file_bytes[n] = states.sets["w"].path.stat().st_size
+        peaks[n] = _peak_bytes(lambda: divergence_from_fp(model, spec, seg, states.sets["w"], batch_size=2))
+        states.close()
+    logits_bytes = seqlen * vocab * 4  # one window's fp32 logits
+    assert file_bytes == {n: n * seqlen * hidden * 4 for n in (2, 8)}  # hidden floats per token on disk, not vocab
+    assert peaks[8] - peaks[2] < logits_bytes  # six more windows' FP logits would add 6 x logits_bytes
+    seg2, seg8 = (ppl_segments("wikitext2", tok, seqlen, n) for n in (2, 8))
+    kept = _peak_bytes(lambda: _kept_logits(model, spec, seg8)) - _peak_bytes(lambda: _kept_logits(model, spec, seg2))
+    assert kept >= 6 * logits_bytes  # the meter sees retained logits
