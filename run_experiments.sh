@@ -4,7 +4,8 @@
 # interrupted sweep resumes where it stopped; at the end $OUT/TABLES.md (default results/experiments/) is written
 # and copied to results/TABLES.md.
 #
-#   bash run_experiments.sh --quick                          # one zoo model, one seed, small sets: 9 min on 2 idle CPU cores
+#   bash run_experiments.sh --quick                          # one zoo model, one seed, small sets (9 min on 2 idle CPU cores
+#                                                            # before every run also scored the FP model)
 #   bash run_experiments.sh                                  # the three zoo models, 3 seeds: hours on 2 CPU cores
 #   MODELS=demo-olmoe SEEDS=0 bash run_experiments.sh        # one model, one seed
 #   MODELS="olmoe deepseek-moe mixtral" COMMON="--device cuda --nsamples 128 --seqlen 2048" \
@@ -14,6 +15,8 @@
 # ABLATION_SEEDS (default: SEEDS) narrows the single-knob ablations of Tables 4-7 and the MoEQuant runs.
 # TASKS (default the paper's five) are lm-eval zero-shot tasks, at most TASK_LIMIT examples each
 # (0 = all); TASKS= skips them. Beside another CPU job, run with OMP_NUM_THREADS=1.
+# Every quantized run also scores the FP model on the same windows (main.py's --compare_fp) for its
+# KL to FP and top-1 agreement (docs/evaluation.md); that repeats the FP zero-shot tasks in each run too.
 # Instances with different MODELS can run side by side (results are written atomically).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -65,9 +68,9 @@ for model in $MODELS; do
   run fp --method fp $ZS
   # Tables 1-3: FP, RTN, DuQuant, each EAQuant component alone, all three; W4A4 and W3A4, router W8A8.
   for w in 4 3; do
-    run "rtn-w${w}a4" --method rtn --wbits $w --abits 4 --no-compare_fp $ZS
+    run "rtn-w${w}a4" --method rtn --wbits $w --abits 4 $ZS
     for seed in $SEEDS; do
-      q="--wbits $w --abits 4 --seed $seed --no-compare_fp"
+      q="--wbits $w --abits 4 --seed $seed"
       run "duquant-w${w}a4-s$seed" --method duquant $q $ZS
       run "eaquant-w${w}a4-s$seed" --method eaquant $q $ZS
       run "sa-w${w}a4-s$seed" --method duquant --smooth_aggregate maximum $q $ZS
@@ -77,9 +80,9 @@ for model in $MODELS; do
   done
   # RTN W4A16 fits nothing, so it runs once (the seed only picks the calibration text its
   # routing diagnostics are measured on).
-  run "rtn-w4a16" --method rtn --wbits 4 --abits 16 --seed "${ABLATION_SEEDS%% *}" --no-compare_fp $ZS
+  run "rtn-w4a16" --method rtn --wbits 4 --abits 16 --seed "${ABLATION_SEEDS%% *}" $ZS
   for seed in $ABLATION_SEEDS; do
-    q="--abits 4 --seed $seed --no-compare_fp $ZS"
+    q="--abits 4 --seed $seed $ZS"
     # Table 4: smoothing aggregation rule (W4A4).
     run "saf-w4a4-s$seed" --method duquant --smooth_aggregate expert_frequency --wbits 4 $q
     run "sal-w4a4-s$seed" --method duquant --smooth_aggregate router_logits --wbits 4 $q
@@ -97,7 +100,7 @@ for model in $MODELS; do
       run "cb${r}-w4a4-s$seed" --method duquant --calib_balance --balance_ratio $r --wbits 4 $q
     done
     # R1/R4/R5: GPTQ W4A16 with AGQ on text calibration sets vs MoEQuant (EBSS + AGQ), gate AGQ on/off.
-    m="--method rtn --wbits 4 --abits 16 --seed $seed --no-compare_fp $ZS"
+    m="--method rtn --wbits 4 --abits 16 --seed $seed $ZS"
     run "gptq-w4a16-s$seed" --gptq $m
     for calib in c4 gutenberg; do
       run "agq-$calib-w4a16-s$seed" --gptq --agq --calib_dataset $calib $m

@@ -5,7 +5,9 @@
 Run directories are named KEY-wWaA-sSEED (fp and rtn have no seed); rows average a KEY over its
 seeds (mean ± std when there are several). Every row carries its difference to the reference row
 of its table, pure DuQuant at the same bits unless the table says otherwise. Accuracy is lm-eval's
-`acc` per task; Avg is their mean in percent, as the papers print it.
+`acc` per task; Avg is their mean in percent, as the papers print it. KL and top-1 are each set's mean
+token KL(p_fp || p_quant) and top-1 agreement with FP (results.json `kl_fp`, docs/evaluation.md);
+runs without them (--no-compare_fp, older results) show '-'.
 """
 from __future__ import annotations
 
@@ -86,6 +88,14 @@ def agreement(res: dict) -> float | None:
     return (res.get("router") or {}).get("mean_topk_agreement")
 
 
+def fp_divergence(rs: list[dict], dataset: str, key: str, scale: float, digits: int) -> str:
+    """A `kl_fp` figure over the runs that measured it; '(n of N)' when only some did."""
+    values = [scale * r["kl_fp"][dataset][key] for r in rs if dataset in (r.get("kl_fp") or {})]
+    if not values:
+        return "-"
+    return fmt(values, digits) + ("" if len(values) == len(rs) else f" ({len(values)} of {len(rs)})")
+
+
 def load_runs(model_dir: Path) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = defaultdict(list)
     for f in sorted(model_dir.glob("*/results.json")):
@@ -104,14 +114,16 @@ def ppl_table(table: Table, runs: dict[str, list[dict]]) -> list[str]:
     sets = sorted({s for _, rs in present for s in rs[0]["ppl"]}, key=["wikitext2", "c4", "gutenberg"].index)
     tasks = sorted({t for _, rs in present for t in accuracies(rs[0])})
     base = runs.get(table.base)
-    cols = sets + tasks + (["Avg"] if tasks else [])
-    head = ["method", "seeds"] + cols + ["top-k agreement", "Δ vs " + ("reference" if table.base.split("-")[0] != "duquant" else "DuQuant")
+    cols = sets + [f"KL {s}" for s in sets] + [f"top-1 {s} (%)" for s in sets] + tasks + (["Avg"] if tasks else [])
+    head = ["method", "seeds"] + cols + ["router top-k agreement", "Δ vs " + ("reference" if table.base.split("-")[0] != "duquant" else "DuQuant")
                                          + " (" + " / ".join(sets + (["Avg"] if tasks else [])) + ")", "quantize s"]
     out = [f"#### {table.title}", ""] + ([table.note, ""] if table.note else [])
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, rs in present:
         cells = [label, str(len(rs))]
         cells += [fmt([r["ppl"][s] for r in rs]) for s in sets]
+        cells += [fp_divergence(rs, s, "mean", 1, 4) for s in sets]
+        cells += [fp_divergence(rs, s, "top1_agreement", 100, 2) for s in sets]
         cells += [fmt([accuracies(r).get(t, float("nan")) for r in rs], 1) for t in tasks]
         avgs = [a for a in map(avg_acc, rs) if a is not None]
         if tasks:
@@ -179,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     models = sorted(d for d in args.root.iterdir() if d.is_dir())
     head = ["# Results", "", f"From `{args.root}`" + (f", sweep time {args.minutes} min" if args.minutes is not None else "")
-            + ". Perplexity: lower is better; accuracy (%): higher is better; Δ: this row minus the reference row.", ""]
+            + ". Perplexity and KL to FP: lower is better; top-1 agreement with FP and accuracy (%): higher is better; "
+            "Δ: this row minus the reference row.", ""]
     print("\n".join(head + [model_section(m) for m in models]))
 
 

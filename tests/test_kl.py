@@ -144,3 +144,25 @@ def test_memory_does_not_grow_with_the_fp_logits(tmp_path):
     seg2, seg8 = (ppl_segments("wikitext2", tok, seqlen, n) for n in (2, 8))
     kept = _peak_bytes(lambda: _kept_logits(model, spec, seg8)) - _peak_bytes(lambda: _kept_logits(model, spec, seg2))
     assert kept >= 6 * logits_bytes  # the meter sees retained logits
+
+
+def _run_result(ppl: float, kl: float | None = None, top1: float | None = None) -> dict:
+    res = {"ppl": {"wikitext2": ppl}, "timings": {}}
+    if kl is not None:
+        res["kl_fp"] = {"wikitext2": {"mean": kl, "p99": 4 * kl, "top1_agreement": top1, "tokens": 100}}
+    return res
+
+
+def test_tables_carry_kl_and_agreement_over_seeds():
+    from bench.tables import TABLES, ppl_table
+
+    runs = {"fp": [_run_result(10.0)],
+            "duquant-w4a4": [_run_result(11.0, 0.02, 0.90), _run_result(11.2, 0.04, 0.80)],
+            "eaquant-w4a4": [_run_result(10.9, 0.01, 0.95), _run_result(11.1)]}  # the second from an older run
+    lines = ppl_table(TABLES[0], runs)
+    head = [c.strip() for c in lines[2].split("|")[1:-1]]
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[1:-1]] for r in lines[4:-1]}
+    kl, top1 = head.index("KL wikitext2"), head.index("top-1 wikitext2 (%)")
+    assert rows["FP"][kl] == "-" and rows["FP"][top1] == "-"
+    assert rows["DuQuant"][kl] == "0.0300 ± 0.0141" and rows["DuQuant"][top1] == "85.00 ± 7.07"
+    assert rows["EAQuant"][kl] == "0.0100 (1 of 2)" and rows["EAQuant"][top1] == "95.00 (1 of 2)"
