@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from duquant.config import ConfigError, DuQuantConfig, GPTQConfig, QuantConfig
+from duquant.config import CHOICES, ConfigError, DuQuantConfig, GPTQConfig, QuantConfig
 from duquant.data import CALIB_DATASETS, PPL_DATASETS, DataError, calibration_segments, ppl_segments
 from duquant.diagnostics import plot_run, summarize
 from duquant.evaluate import FPStates, divergence_from_fp, perplexity
 from duquant.packed import QuantizedLoadError, check_save_dir, load_quantized, save_quantized
 from duquant.pipeline import Extensions, quantize_model
+from duquant.recipes import RECIPES, recipe_values
 from duquant.zeroshot import TASKS, check_tasks, evaluate_tasks
 from eaquant_ext.agq import affinity_weights
 from eaquant_ext.balance import balance_calibration
@@ -104,6 +105,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--rotation", choices=["paper", "shared"], default="paper", help="paper: per-block greedy rotation on the outlier channel; shared: the published code's one matrix")
     g.add_argument("--rotation_tokens", type=int, default=2048)
     g.add_argument("--route_all_tokens", action="store_true", help="calibration: every expert sees every token")
+    g = p.add_argument_group("fidelity (docs/fidelity.md: where our pipeline, the published code and the paper differ)")
+    g.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+                   help="default: ours; official: the published DuQuant/EAQuant code; paper: the paper text. "
+                        "Options given explicitly override the recipe")
+    for name, choices in CHOICES.items():
+        g.add_argument(f"--{name}", choices=choices, default=choices[0], help=f"default {choices[0]}")
+    g.add_argument("--act_absmax_floor", type=float, default=0.0,
+                   help="activation max clamped to at least this before smoothing (published code: 1e-5)")
     g = p.add_argument_group("eaquant (MoE models only; each defaults to off, --eaquant turns all three on)")
     g.add_argument("--eaquant", action="store_true", help="smooth_aggregate=maximum, router_align, calib_balance")
     g.add_argument("--smooth_aggregate", choices=AGGREGATIONS, default=None)
@@ -134,6 +143,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--ebss_cache_dir", default=None, help="EBSS cache folder (default results/ebss_cache)")
     args = p.parse_args(argv)
     args.given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    given = {g[2:].removeprefix("no-") for g in args.given}
+    for key, value in recipe_values(args.recipe, given).items():
+        setattr(args, key, value)
     return args
 
 
@@ -215,9 +227,11 @@ def build_configs(args) -> tuple[QuantConfig, DuQuantConfig]:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit {args.limit} must be >= 1")
     quant = QuantConfig(args.wbits, args.abits, args.kv_bits, args.router_wbits, args.router_abits,
-                        args.w_sym, args.a_sym, args.swc, args.lac, args.w_clip)
+                        args.w_sym, args.a_sym, args.swc, args.lac, args.w_clip, args.act_range)
+    fidelity = {k: getattr(args, k) for k in (*CHOICES, "act_absmax_floor") if k != "act_range"}
     duq = DuQuantConfig(args.smooth, args.rotate, args.permute, args.alpha, args.block_size,
-                        args.max_rotation_step, args.permutation_times, args.rotation, args.rotation_tokens)
+                        args.max_rotation_step, args.permutation_times, args.rotation, args.rotation_tokens,
+                        **fidelity)
     if args.method == "rtn":
         duq = DuQuantConfig.rtn()
     return quant, duq

@@ -13,6 +13,24 @@ class ConfigError(ValueError):
     """An invalid option; the message is one line that names the fix."""
 
 
+# Pipeline choices on which our code and the published DuQuant code differ (docs/fidelity.md).
+# The first value of each is our default; `duquant.recipes` names the published code's.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "act_range": ("with_zero", "minmax"),
+    "smooth_weight": ("all_readers", "one_reader"),
+    "smooth_stats": ("quantized", "fp"),
+    "o_smooth": ("online", "fold_v"),
+    "rotation_data": ("sample", "mean"),
+    "rotation_seed": ("fixed", "redraw"),
+    "rotation_stop": ("absmax", "range"),
+}
+
+
+def check_choice(name: str, value: str) -> None:
+    if value not in CHOICES[name]:
+        raise ConfigError(f"--{name} {value!r} is unknown; choose from {', '.join(CHOICES[name])}")
+
+
 def check_bits(name: str, bits: int) -> None:
     if bits not in VALID_BITS:
         raise ConfigError(f"--{name} {bits} is out of range; use 2..8, or 16 for no quantization")
@@ -32,6 +50,7 @@ class QuantConfig:
     swc: float = 0.8  # weight clip ratio
     lac: float = 0.9  # activation clip ratio
     w_clip: str = "minmax"  # or "mse": per-row clip-ratio search
+    act_range: str = "with_zero"  # or "minmax": a token's range need not contain 0 (published code)
 
     def __post_init__(self):
         if self.kv_bits is None:
@@ -43,10 +62,15 @@ class QuantConfig:
                 raise ConfigError(f"--{name} {getattr(self, name)} must be in (0, 1]")
         if self.w_clip not in ("minmax", "mse"):
             raise ConfigError(f"--w_clip {self.w_clip!r}: choose minmax or mse")
+        check_choice("act_range", self.act_range)
 
     @property
     def tag(self) -> str:
         return f"w{self.wbits}a{self.abits}"
+
+    @property
+    def act_with_zero(self) -> bool:
+        return self.act_range == "with_zero"
 
 
 @dataclass
@@ -63,6 +87,14 @@ class DuQuantConfig:
     rotation: str = "paper"  # "paper": per-block greedy on the outlier channel; "shared": the published code's one matrix
     rotation_tokens: int = 2048  # calibration rows kept per site for fitting rotations
     min_expert_tokens: int = 16  # below this an expert's transforms are fit on all MoE-input tokens
+    # Fidelity choices (CHOICES; docs/fidelity.md says what each does and which one the published code makes).
+    smooth_weight: str = "all_readers"  # max |W| per input channel over every reader of a site, or one reader
+    smooth_stats: str = "quantized"  # activation max from inputs through the quantized layers, or the FP model
+    act_absmax_floor: float = 0.0  # activation max clamped to at least this before smoothing (published: 1e-5)
+    o_smooth: str = "online"  # o-in smoothing applied online, or folded into v_proj rows where shapes allow
+    rotation_data: str = "sample"  # rotations fit on sampled rows, or on the mean calibration sequence
+    rotation_seed: str = "fixed"  # one spreading matrix per layer, or a new one per rotation fit
+    rotation_stop: str = "absmax"  # greedy search keeps the prefix with the least max |x|, or max - min
 
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:
@@ -73,6 +105,10 @@ class DuQuantConfig:
             raise ConfigError(f"--rotation {self.rotation!r}: choose paper or shared")
         if self.permutation_times < 1 or self.max_rotation_step < 1:
             raise ConfigError("--permutation_times and --max_rotation_step must be >= 1")
+        if self.act_absmax_floor < 0:
+            raise ConfigError(f"--act_absmax_floor {self.act_absmax_floor} must be >= 0")
+        for name in ("smooth_weight", "smooth_stats", "o_smooth", "rotation_data", "rotation_seed", "rotation_stop"):
+            check_choice(name, getattr(self, name))
 
     @classmethod
     def rtn(cls) -> "DuQuantConfig":

@@ -32,17 +32,15 @@ def hadamard(n: int, dtype=torch.float32) -> torch.Tensor:
 class KVQuant(torch.nn.Module):
     """Per-layer settings, attached to the attention module as `kv_quant`."""
 
-    def __init__(self, bits: int, head_dim: int, sym: bool = False, clip: float = 1.0):
+    def __init__(self, bits: int, head_dim: int, sym: bool = False, clip: float = 1.0, with_zero: bool = True):
         super().__init__()
-        self.bits, self.sym, self.clip = bits, sym, clip
+        self.bits, self.sym, self.clip, self.with_zero = bits, sym, clip, with_zero
         self.register_buffer("hadamard", hadamard(head_dim))
 
     def forward(self, query, key, value):
         h = self.hadamard.to(query.dtype)
-        q = fake_quant(query @ h, self.bits, sym=self.sym, clip=self.clip)
-        k = fake_quant(key @ h, self.bits, sym=self.sym, clip=self.clip)
-        v = fake_quant(value, self.bits, sym=self.sym, clip=self.clip)
-        return q, k, v
+        q, k = query @ h, key @ h
+        return tuple(fake_quant(t, self.bits, self.sym, self.clip, self.with_zero) for t in (q, k, value))
 
 
 def kv_quant_attention(module, query, key, value, attention_mask, **kwargs):

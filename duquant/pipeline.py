@@ -32,8 +32,9 @@ from .gptq import Hessian, gptq_quantize, output_cosine
 from .layerwise import advance, capture_layer_inputs, layer_on, observe
 from .qlinear import QLinear, unwrap
 from .quantizer import ActQuantizer, QuantizedWeight, WeightQuantizer
-from .stats import LayerStats, collect
-from .transforms import Compose, fit_rotations, fit_smooth
+from .fp_stats import fp_site_absmax
+from .stats import LayerStats, collect, hooked_sites, replace_absmax, routed_expert_inputs, take_rotation_rows
+from .transforms import Compose, Smooth, fit_rotations, fit_smooth
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def sites_per_search(entries_per_site: int) -> int:
 class Extensions:
     """Replaceable steps. Each receives the layer view and its statistics.
 
-    moe_smoothing(view, stats, alpha) -> s [C]: the one smoothing vector of the MoE input.
+    moe_smoothing(view, stats, cfg) -> s [C]: the one smoothing vector of the MoE input.
     quantize_router(view, weight_t, x_t, quant) -> (QuantizedWeight of the router, info dict), given
         the transformed FP router weight and a sample of transformed router inputs.
     hessian_weights(view) -> context manager yielding an object with `weights(module, rows)` (a
@@ -80,9 +81,21 @@ def weight_absmax(linears: list[nn.Module]) -> torch.Tensor:
     return torch.stack([m.weight.detach().abs().amax(0).float().cpu() for m in linears]).amax(0)
 
 
-def default_moe_smoothing(view: LayerView, stats: LayerStats, alpha: float) -> torch.Tensor:
+def smoothing_readers(cfg: DuQuantConfig, readers: list[nn.Module], named: nn.Module) -> list[nn.Module]:
+    """The linears whose max |W| enters a site's smoothing: all readers (SmoothQuant's rule for a
+    shared input), or only `named` (the published code: q_proj for q/k/v, up_proj for gate/up)."""
+    return [named] if cfg.smooth_weight == "one_reader" else readers
+
+
+def site_smoothing(x_absmax: torch.Tensor, readers: list[nn.Module], cfg: DuQuantConfig) -> torch.Tensor:
+    """The smoothing vector s of one site from its activation max and its readers' weights."""
+    return fit_smooth(x_absmax, weight_absmax(readers), cfg.alpha, cfg.act_absmax_floor).scale
+
+
+def default_moe_smoothing(view: LayerView, stats: LayerStats, cfg: DuQuantConfig) -> torch.Tensor:
     """DuQuant baseline: one vector from the MoE input's max and ALL readers' weights together."""
-    return fit_smooth(stats[view.router].absmax, weight_absmax(view.moe_in_readers()), alpha).scale
+    readers = view.moe_in_readers()
+    return site_smoothing(stats[view.router].absmax, smoothing_readers(cfg, readers, view.experts[0].up_proj), cfg)
 
 
 def _scaled(w: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -116,13 +129,22 @@ class LayerQuantizer:
         self.device = torch.device(device)
         self.profile = profile  # record per-channel max |x| before/after the transforms (plots)
         self.w_quant = WeightQuantizer(quant.wbits, quant.w_sym, quant.swc, quant.w_clip)
-        self.notes: list[str] = []
+        self.sites_fitted = 0  # rotation sites fitted so far in this layer (numbers the redrawn seeds)
         # defer=True (GPTQ): QLinears keep their transformed FP weight; (QLinear, quantizer) pairs
         # are listed here and rounded by `gptq_layer` once their Hessians are known.
         self.deferred: list[tuple[QLinear, WeightQuantizer]] | None = [] if defer else None
 
     def act_quant(self, bits: int | None = None) -> ActQuantizer:
-        return ActQuantizer(self.q.abits if bits is None else bits, self.q.a_sym, self.q.lac)
+        return ActQuantizer(self.q.abits if bits is None else bits, self.q.a_sym, self.q.lac, self.q.act_with_zero)
+
+    def spreading_seeds(self, count: int, rotation: int) -> list[int]:
+        """Seeds of the spreading matrices of the next `count` sites' `rotation`-th fit (R1, R2, then
+        R1, R2 again with --permutation_times 2): the layer's seed for all ("fixed"), or a new one per
+        site and fit ("redraw", as the published code draws a fresh random matrix per call)."""
+        if self.cfg.rotation_seed == "fixed":
+            return [self.seed] * count
+        first = self.sites_fitted
+        return [(self.seed * 1_000_003 + (first + k) * 64 + rotation) % 2**62 for k in range(count)]
 
     def rotations(self, x: torch.Tensor | None) -> nn.Module | None:
         """R1 . P . R2 (repeated `permutation_times`) fit on smoothed calibration rows."""
@@ -134,15 +156,19 @@ class LayerQuantizer:
         if not xs or not (self.cfg.rotate or self.cfg.permute):
             return [None] * len(xs)
         per = sites_per_search(max(x.numel() for x in xs))
-        return [t for s in range(0, len(xs), per)
-                for t in self._joint_rotations([x.to(self.device) for x in xs[s : s + per]])]
+        out = []
+        for s in range(0, len(xs), per):
+            out += self._joint_rotations([x.to(self.device) for x in xs[s : s + per]])
+            self.sites_fitted += len(xs[s : s + per])
+        return out
 
     def _joint_rotations(self, xs: list[torch.Tensor]) -> list[nn.Module]:
         c = self.cfg
         steps: list[list[nn.Module]] = [[] for _ in xs]
-        for _ in range(c.permutation_times):
-            ts = fit_rotations(xs, c.block_size, c.max_rotation_step, c.permute, c.rotate, self.seed,
-                               c.rotation == "shared")
+        for round_ in range(c.permutation_times):
+            ts = fit_rotations(xs, c.block_size, c.max_rotation_step, c.permute, c.rotate,
+                               self.spreading_seeds(len(xs), 2 * round_), c.rotation == "shared",
+                               c.rotation_stop, self.spreading_seeds(len(xs), 2 * round_ + 1))
             for st, t in zip(steps, ts):
                 st.append(t)
             xs = [t.act(x) for t, x in zip(ts, xs)]
@@ -153,7 +179,7 @@ class LayerQuantizer:
         parts = []
         x = x_stats.sample
         if self.cfg.smooth:
-            sm = fit_smooth(x_stats.absmax, weight_absmax([reader]), self.cfg.alpha)
+            sm = Smooth(site_smoothing(x_stats.absmax, [reader], self.cfg))
             parts.append(sm)
             x = sm.act(x)
         rot = self.rotations(x)
@@ -172,11 +198,13 @@ class LayerQuantizer:
             qlinear = QLinear(inner, transform, self.act_quant(bits), w_quant, quantized)
         setattr(parent, name, qlinear)
 
-    def norm_site(self, norm: nn.Module, readers: list[nn.Module], x_stats) -> tuple[nn.Module | None, torch.Tensor]:
-        """attn-in / mlp-in: fold smoothing into the norm, fit rotations on the smoothed rows."""
+    def norm_site(self, norm: nn.Module, readers: list[nn.Module], x_stats,
+                  smooth_reader: nn.Module) -> tuple[nn.Module | None, torch.Tensor]:
+        """attn-in / mlp-in: fold smoothing into the norm, fit rotations on the smoothed rows.
+        `smooth_reader` is the one reader whose weight the "one_reader" rule uses."""
         x = x_stats.sample
         if self.cfg.smooth:
-            s = fit_smooth(x_stats.absmax, weight_absmax(readers), self.cfg.alpha).scale
+            s = site_smoothing(x_stats.absmax, smoothing_readers(self.cfg, readers, smooth_reader), self.cfg)
             fold_into_norm(norm, readers, s)
             x = x / s
         return self.rotations(x), x
@@ -185,7 +213,7 @@ class LayerQuantizer:
         """Fold down-in smoothing into up_proj; returns the smoothed down-in rows to fit rotations on."""
         x = down_stats.take()
         if self.cfg.smooth:
-            s = fit_smooth(down_stats.absmax, weight_absmax([mlp.down_proj]), self.cfg.alpha).scale
+            s = site_smoothing(down_stats.absmax, [mlp.down_proj], self.cfg)
             fold_into_up(mlp, s)
             x = x / s
         return x
@@ -196,9 +224,34 @@ class LayerQuantizer:
         self.wrap(mlp.module, up, t_in)
         self.wrap(mlp.module, down, t_down)
 
+    def o_site(self, view: LayerView, o_stats) -> nn.Module | None:
+        """o-in: smoothing folded into v_proj's rows where each o_proj input channel is one v_proj
+        output channel (`o_smooth="fold_v"`, multi-head attention), else applied online."""
+        if not (self.cfg.smooth and self.cfg.o_smooth == "fold_v" and foldable_into_v(view)):
+            return self.online_site(view.attn_out, o_stats)
+        s = site_smoothing(o_stats.absmax, [view.attn_out], self.cfg)
+        fold_into_v(view.attn_value, view.attn_out, s)
+        return self.rotations(o_stats.sample / s)
+
     def mlp(self, mlp: MLPView, t_in: nn.Module | None, down_stats) -> None:
         """A shared expert / dense MLP whose input site transform is `t_in`."""
         self.wrap_mlp(mlp, t_in, self.rotations(self.down_site(mlp, down_stats)))
+
+
+def foldable_into_v(view: LayerView) -> bool:
+    """o-in channel j is v_proj output channel j only when there are as many value heads as query
+    heads (no grouped-query sharing) and the adapter names the value projection."""
+    v = view.attn_value
+    return v is not None and v.weight.shape[0] == view.attn_out.weight.shape[1]
+
+
+def fold_into_v(v_proj: nn.Module, o_proj: nn.Module, s: torch.Tensor) -> None:
+    """Attention output is a per-channel mix of V over tokens, so V rows / s and o_proj columns * s
+    leave the layer unchanged in FP (and KV quantization then sees V / s, as in the published code)."""
+    v_proj.weight.data = _scaled(v_proj.weight.data, 1.0 / s.double()[:, None])
+    if v_proj.bias is not None:
+        v_proj.bias.data = _scaled(v_proj.bias.data, 1.0 / s.double())
+    o_proj.weight.data = _scaled(o_proj.weight.data, s)
 
 
 def expert_down_stats(expert: nn.Module, x: torch.Tensor, down_stats):
@@ -217,17 +270,18 @@ def quantize_layer(view: LayerView, stats: LayerStats, lq: LayerQuantizer) -> tu
     q, cfg = lq.q, lq.cfg
     info: dict = {}
     attn_in = view.attn_in
-    t_attn, x_attn = lq.norm_site(view.attn_norm, attn_in, stats[attn_in[0]])
+    t_attn, x_attn = lq.norm_site(view.attn_norm, attn_in, stats[attn_in[0]], attn_in[0])
     if lq.profile:
         info["channel_absmax"] = {"attn_in": channel_profile(stats[attn_in[0]].sample, t_attn, x_attn)}
+    t_out = lq.o_site(view, stats[view.attn_out])  # may fold into v_proj, so before v_proj is wrapped
     for lin in attn_in:
         parent, name = _parent_of(view.attn, lin)
         lq.wrap(parent, name, t_attn)
     parent, name = _parent_of(view.attn, view.attn_out)
-    lq.wrap(parent, name, lq.online_site(view.attn_out, stats[view.attn_out]))
+    lq.wrap(parent, name, t_out)
 
     if not view.is_moe:
-        t_in, x_in = lq.norm_site(view.mlp_norm, view.dense.in_projs, stats[view.dense.gate_proj])
+        t_in, x_in = lq.norm_site(view.mlp_norm, view.dense.in_projs, stats[view.dense.gate_proj], view.dense.up_proj)
         if lq.profile:
             info["channel_absmax"]["mlp_in"] = channel_profile(stats[view.dense.gate_proj].sample, t_in, x_in)
         lq.mlp(view.dense, t_in, stats[view.dense.down_proj])
@@ -237,7 +291,7 @@ def quantize_layer(view: LayerView, stats: LayerStats, lq: LayerQuantizer) -> tu
     rule = lq.ext.moe_smoothing or default_moe_smoothing
     x_all = moe_in.sample
     if cfg.smooth:
-        s = rule(view, stats, cfg.alpha)
+        s = rule(view, stats, cfg)
         fold_into_norm(view.mlp_norm, view.moe_in_readers(), s)
         x_all = x_all / s
     else:
@@ -298,13 +352,6 @@ def _parent_of(root: nn.Module, child: nn.Module) -> tuple[nn.Module, str]:
 
 def _last(view: LayerView, module: nn.Module) -> str:
     return _parent_of(view.mlp, module)[1]
-
-
-def hooked_sites(view: LayerView) -> list[nn.Module]:
-    """One reader per distinct input: the statistics of a site are those of its first reader."""
-    mlps = [view.dense] if view.dense is not None else view.shared + view.experts
-    mods = [view.attn_in[0], view.attn_out] + [m for mlp in mlps for m in (mlp.gate_proj, mlp.down_proj)]
-    return mods + ([view.router] if view.router is not None else [])
 
 
 class RoutingAgreement:
@@ -449,6 +496,61 @@ def gptq_layer(layer: nn.Module, view: LayerView, deferred: list, cfg: GPTQConfi
     return info
 
 
+@dataclass
+class Calibration:
+    """What flows from layer to layer: the calibration inputs, expert-only extra sequences, and
+    (`rotation_data="mean"`) the one mean sequence the rotations are fit on; `fp_absmax` holds the
+    FP model's per-site maxima when smoothing reads them (`smooth_stats="fp"`)."""
+
+    inps: list[torch.Tensor]
+    kwargs: dict
+    extra: list[torch.Tensor]
+    rot: list[torch.Tensor]
+    fp_absmax: list[dict[str, torch.Tensor]] | None = None
+
+
+def mean_sequence(inps: list[torch.Tensor]) -> torch.Tensor:
+    """The element-wise mean of the calibration sequences [1, T, C] (the published code's rotation data)."""
+    total = sum(x.float() for x in inps)
+    return (total / len(inps)).to(inps[0].dtype)
+
+
+def calibration(model, spec: ModelSpec, calib_ids: torch.Tensor, extra_ids: torch.Tensor | None,
+                cfg: DuQuantConfig, device: torch.device, route_all: bool) -> Calibration:
+    fp_absmax = None
+    if cfg.smooth and cfg.smooth_stats == "fp":  # before capturing, so one copy of the activations exists at a time
+        fp_absmax = fp_site_absmax(model, spec, calib_ids, extra_ids, device, route_all)
+    inps, kwargs = capture_layer_inputs(model, spec, calib_ids, device, batch_size=1)
+    extra = capture_layer_inputs(model, spec, extra_ids, device, 1)[0] if extra_ids is not None else []
+    rot = [mean_sequence(inps)] if cfg.rotation_data == "mean" and (cfg.rotate or cfg.permute) else []
+    return Calibration(inps, kwargs, extra, rot, fp_absmax)
+
+
+def layer_statistics(model, spec: ModelSpec, layer: nn.Module, view: LayerView, data: Calibration,
+                     cfg: DuQuantConfig, seed: int, route_all: bool) -> tuple[LayerStats, dict]:
+    """Hooked FP pass of one layer over the calibration inputs (and the expert-only extra data);
+    then the maxima and rotation rows are swapped in from the FP model / mean sequence if asked."""
+    info: dict = {}
+
+    def routing():
+        return route_all_tokens(model, spec, enabled=route_all and view.is_moe, layer=view.index)
+
+    with collect(hooked_sites(view), view.router, view.num_experts, cfg.rotation_tokens, seed) as stats, routing():
+        observe(layer, data.inps, data.kwargs)
+        if data.extra and view.is_moe:
+            stats.frozen = {m for m in stats.inputs if m not in routed_expert_inputs(view)} | {None}
+            observe(layer, data.extra, data.kwargs)
+    if data.extra and view.is_moe:
+        info["expert_tokens_balanced"] = [stats[e.gate_proj].count for e in view.experts]
+    if data.fp_absmax is not None:
+        replace_absmax(stats, layer, data.fp_absmax[view.index])
+    if data.rot:
+        with collect(hooked_sites(view), None, 0, data.rot[0].shape[1], seed) as rows, routing():
+            observe(layer, data.rot, data.kwargs)
+        take_rotation_rows(stats, rows)
+    return stats, info
+
+
 @torch.no_grad()
 def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: QuantConfig, cfg: DuQuantConfig,
                    ext: Extensions | None = None, device="cpu", seed: int = 0, route_all: bool = False,
@@ -469,8 +571,7 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: Quant
     t0 = time.time()
     if quant.kv_bits < 16:
         kvquant.enable(model)
-    inps, kwargs = capture_layer_inputs(model, spec, calib_ids, device, batch_size=1)
-    extra = capture_layer_inputs(model, spec, expert_extra_ids, device, 1)[0] if expert_extra_ids is not None else []
+    data = calibration(model, spec, calib_ids, expert_extra_ids, cfg, device, route_all)
     report.timings["capture"] = time.time() - t0
     fit_time = stats_time = gptq_time = ckpt_time = 0.0
     report.resumed_from = resume.finished_layers(checkpoint_dir)
@@ -481,36 +582,29 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: Quant
                 t = time.time()
                 report.layers.append(resume.restore_layer(checkpoint_dir, i, layer))
                 if i == report.resumed_from - 1:
-                    inps, extra = resume.load_inputs(checkpoint_dir)
+                    data.inps, data.extra, data.rot = resume.load_inputs(checkpoint_dir)
                 ckpt_time += time.time() - t
                 continue
             view = resolve(spec, layer, model.config, i)
             t = time.time()
-            with collect(hooked_sites(view), view.router, view.num_experts, cfg.rotation_tokens, seed + i) as stats, \
-                    route_all_tokens(model, spec, enabled=route_all and view.is_moe, layer=i):
-                observe(layer, inps, kwargs)
-                if extra and view.is_moe:
-                    routed = {m for e in view.experts for m in (e.gate_proj, e.down_proj)}
-                    stats.frozen = {m for m in stats.inputs if m not in routed} | {None}
-                    observe(layer, extra, kwargs)
+            stats, info = layer_statistics(model, spec, layer, view, data, cfg, seed + i, route_all)
+            info = {"layer": i, "moe": view.is_moe, **info}
             stats_time += time.time() - t
             t = time.time()
-            info = {"layer": i, "moe": view.is_moe}
-            if extra and view.is_moe:
-                info["expert_tokens_balanced"] = [stats[e.gate_proj].count for e in view.experts]
             lq = LayerQuantizer(quant, cfg, ext, seed + i, defer=gptq is not None, profile=i == profile_layer,
                                 device=device)
             layer_info, fp_router = quantize_layer(view, stats, lq)
             info.update(layer_info)
             if quant.kv_bits < 16:
-                view.attn.kv_quant = kvquant.KVQuant(quant.kv_bits, view.attn.head_dim, quant.a_sym, 1.0).to(device)
+                view.attn.kv_quant = kvquant.KVQuant(quant.kv_bits, view.attn.head_dim, quant.a_sym, 1.0,
+                                                   quant.act_with_zero).to(device)
             fit_time += time.time() - t
             if gptq is not None:
                 def run(extra_pass: bool, layer=layer, view=view) -> None:
-                    if extra_pass and not (extra and view.is_moe):
+                    if extra_pass and not (data.extra and view.is_moe):
                         return
                     with route_all_tokens(model, spec, enabled=route_all and view.is_moe, layer=i):
-                        observe(layer, extra if extra_pass else inps, kwargs)
+                        observe(layer, data.extra if extra_pass else data.inps, data.kwargs)
                 info["gptq"] = gptq_layer(layer, view, lq.deferred, gptq, ext, run)
                 gptq_time += info["gptq"]["seconds"]
             if view.is_moe:
@@ -518,16 +612,17 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: Quant
                 agreement = RoutingAgreement(fp_router, view.top_k)
                 handle = view.mlp.get_submodule(spec.router).register_forward_hook(agreement)
             t = time.time()
-            inps = advance(layer, inps, kwargs)
+            data.inps = advance(layer, data.inps, data.kwargs)
             if view.is_moe:
                 handle.remove()
                 info.update(agreement.summary())
-            extra = advance(layer, extra, kwargs)
+            data.extra = advance(layer, data.extra, data.kwargs)
+            data.rot = advance(layer, data.rot, data.kwargs)
             stats_time += time.time() - t
             report.layers.append(info)
             if checkpoint_dir is not None:
                 t = time.time()
-                resume.save_layer(checkpoint_dir, i, layer, info, inps, extra)
+                resume.save_layer(checkpoint_dir, i, layer, info, data.inps, data.extra, data.rot)
                 ckpt_time += time.time() - t
     report.timings.update(statistics_and_propagation=stats_time, fitting=fit_time, total=time.time() - t0)
     if checkpoint_dir is not None:

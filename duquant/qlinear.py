@@ -94,7 +94,7 @@ class QLinear(nn.Module):
             memo.clear()
             memo.x, memo.version, memo.transformed = x, x._version, self.transform.act(x)
         q = self.act_quant
-        key = (q.bits, q.sym, q.clip_ratio)
+        key = (q.bits, q.sym, q.clip_ratio, q.with_zero)
         if key not in memo.quantized:
             memo.quantized[key] = q(memo.transformed)
         out = memo.quantized[key]

@@ -36,14 +36,15 @@ def _levels(bits: int, sym: bool) -> tuple[int, int]:
 
 
 def quant_params(
-    x: torch.Tensor, bits: int, sym: bool = False, clip: float | torch.Tensor = 1.0
+    x: torch.Tensor, bits: int, sym: bool = False, clip: float | torch.Tensor = 1.0, with_zero: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point of each row, shaped [..., 1].
 
     `clip` (a float, or a tensor broadcastable to [..., 1] for per-row ratios) shrinks the
     range before the scale is chosen: DuQuant's swc for weights and lac for activations.
     The zero point is a float holding an integer (0 in symmetric mode), so `dequantize`
-    is the same formula in both modes.
+    is the same formula in both modes. `with_zero=False` takes the row's own [min, max]
+    even when it does not contain 0, as the published DuQuant code does for activations.
     """
     check_bits(bits)
     if bits >= 16:
@@ -54,8 +55,10 @@ def quant_params(
         scale = (absmax / (2 ** (bits - 1) - 1)).clamp(min=MIN_SCALE)
         return scale, torch.zeros_like(scale)
     # Including 0 in the range keeps exact zeros (padding, dead channels) exact.
-    xmin = x.amin(-1, keepdim=True).clamp(max=0) * clip
-    xmax = x.amax(-1, keepdim=True).clamp(min=0) * clip
+    xmin, xmax = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    if with_zero:
+        xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
+    xmin, xmax = xmin * clip, xmax * clip
     scale = ((xmax - xmin) / (2**bits - 1)).clamp(min=MIN_SCALE)
     zero = torch.round(-xmin / scale)
     return scale, zero
@@ -73,9 +76,10 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return (q.to(scale.dtype) - zero) * scale
 
 
-def fake_quant(x: torch.Tensor, bits: int, sym: bool = False, clip: float | torch.Tensor = 1.0) -> torch.Tensor:
+def fake_quant(x: torch.Tensor, bits: int, sym: bool = False, clip: float | torch.Tensor = 1.0,
+               with_zero: bool = True) -> torch.Tensor:
     """Quantize-dequantize each row of the last dimension; returns x itself when bits >= 16."""
-    return quantize_with_grid(x, bits, sym, clip).weight
+    return quantize_with_grid(x, bits, sym, clip, with_zero).weight
 
 
 def mse_clip_search(
@@ -148,12 +152,13 @@ class QuantizedWeight:
         return qw
 
 
-def quantize_with_grid(w: torch.Tensor, bits: int, sym: bool, clip: float | torch.Tensor) -> QuantizedWeight:
+def quantize_with_grid(w: torch.Tensor, bits: int, sym: bool, clip: float | torch.Tensor,
+                       with_zero: bool = True) -> QuantizedWeight:
     """Quantize-dequantize each row of the last dimension, keeping the grid (`fake_quant` is its weight)."""
     check_bits(bits)
     if bits >= 16:
         return QuantizedWeight(w)
-    scale, zero = quant_params(w, bits, sym, clip)
+    scale, zero = quant_params(w, bits, sym, clip, with_zero)
     weight = dequantize(quantize(w, scale, zero, bits, sym), scale, zero).to(w.dtype)
     return QuantizedWeight(weight, bits, sym, scale, zero)
 
@@ -194,21 +199,22 @@ class WeightQuantizer:
 class ActQuantizer(nn.Module):
     """Dynamic per-token quantizer: the range of every token is measured at run time.
 
-    `clip_ratio` is DuQuant's lac. An nn.Module so it sits in the model tree next to the
-    linear it feeds and shows up in print(model).
+    `clip_ratio` is DuQuant's lac; `with_zero` forces 0 into each token's range (see
+    `quant_params`). An nn.Module so it sits in the model tree next to the linear it feeds and
+    shows up in print(model).
     """
 
-    def __init__(self, bits: int = 4, sym: bool = False, clip_ratio: float = 1.0):
+    def __init__(self, bits: int = 4, sym: bool = False, clip_ratio: float = 1.0, with_zero: bool = True):
         super().__init__()
         check_bits(bits)
-        self.bits, self.sym, self.clip_ratio = bits, sym, clip_ratio
+        self.bits, self.sym, self.clip_ratio, self.with_zero = bits, sym, clip_ratio, with_zero
 
     @property
     def enabled(self) -> bool:
         return self.bits < 16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quant(x, self.bits, self.sym, self.clip_ratio)
+        return fake_quant(x, self.bits, self.sym, self.clip_ratio, self.with_zero)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, sym={self.sym}, clip_ratio={self.clip_ratio}"
+        return f"bits={self.bits}, sym={self.sym}, clip_ratio={self.clip_ratio}, with_zero={self.with_zero}"

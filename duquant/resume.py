@@ -29,13 +29,13 @@ def finished_layers(ckpt_dir: Path | None) -> int:
 
 
 def save_layer(ckpt_dir: Path, index: int, layer: nn.Module, info: dict,
-               inps: list[torch.Tensor], extra: list[torch.Tensor]) -> None:
+               inps: list[torch.Tensor], extra: list[torch.Tensor], rot: list[torch.Tensor]) -> None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tensors, meta = module_state(layer)
     write_file_atomically(ckpt_dir / f"layer{index}.safetensors", lambda p: save_file(tensors, str(p)))
     write_file_atomically(ckpt_dir / f"layer{index}.json",
                           lambda p: p.write_text(json.dumps({"state": meta, "info": info})))
-    write_file_atomically(ckpt_dir / "inputs.pt", lambda p: torch.save({"inps": inps, "extra": extra}, p))
+    write_file_atomically(ckpt_dir / "inputs.pt", lambda p: torch.save({"inps": inps, "extra": extra, "rot": rot}, p))
     write_file_atomically(ckpt_dir / PROGRESS, lambda p: p.write_text(json.dumps({"done": index + 1})))
 
 
@@ -46,6 +46,7 @@ def restore_layer(ckpt_dir: Path, index: int, layer: nn.Module) -> dict:
     return saved["info"]
 
 
-def load_inputs(ckpt_dir: Path) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def load_inputs(ckpt_dir: Path) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """The calibration inputs, expert-only extra inputs and mean rotation sequence entering the next layer."""
     saved = torch.load(ckpt_dir / "inputs.pt", weights_only=True)
-    return saved["inps"], saved["extra"]
+    return saved["inps"], saved["extra"], saved["rot"]

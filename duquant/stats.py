@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from models.spec import LayerView
+
 
 @dataclass
 class InputStats:
@@ -110,3 +112,31 @@ def collect(modules: list[nn.Module], router: nn.Module | None, num_experts: int
     finally:
         for h in handles:
             h.remove()
+
+
+def hooked_sites(view: LayerView) -> list[nn.Module]:
+    """One reader per distinct input: the statistics of a site are those of its first reader."""
+    mlps = [view.dense] if view.dense is not None else view.shared + view.experts
+    mods = [view.attn_in[0], view.attn_out] + [m for mlp in mlps for m in (mlp.gate_proj, mlp.down_proj)]
+    return mods + ([view.router] if view.router is not None else [])
+
+
+def routed_expert_inputs(view: LayerView) -> set[nn.Module]:
+    """The hooked modules that only routed tokens reach (what expert-only extra data calibrates)."""
+    return {m for e in view.experts for m in (e.gate_proj, e.down_proj)}
+
+
+def take_rotation_rows(stats: LayerStats, rows: LayerStats) -> None:
+    """Rotations are fit on `rows`' samples (their token counts decide expert fallbacks), while
+    smoothing keeps reading `stats`' maxima."""
+    for m, st in stats.inputs.items():
+        st.sample, st.count = rows[m].sample, rows[m].count
+
+
+def replace_absmax(stats: LayerStats, layer: nn.Module, absmax: dict[str, torch.Tensor]) -> None:
+    """Smoothing reads another pass's per-channel maxima (the FP model's, keyed by module path in
+    `layer`); a module that pass never reached (an expert no FP token was routed to) keeps its own."""
+    names = {m: n for n, m in layer.named_modules()}
+    for m, st in stats.inputs.items():
+        if absmax.get(names[m]) is not None:
+            st.absmax = absmax[names[m]]

@@ -139,14 +139,15 @@ class Compose(nn.Module):
 # ----------------------------------------------------------------------------- fitting
 
 
-def fit_smooth(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float = 0.6) -> Smooth:
+def fit_smooth(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float = 0.6, act_floor: float = 0.0) -> Smooth:
     """s = act^alpha / w^(1-alpha): moves part of the activation range into the weights.
 
-    Weight maxima are clamped to >= 1e-5 so a dead weight column cannot divide by zero, and
-    scales below 1e-2 are raised to 1e-2 (DuQuant's rule) so a dead activation channel
-    (max 0) does not become an enormous weight column.
+    Activation maxima are clamped to >= `act_floor` (the published code uses 1e-5) and weight
+    maxima to >= 1e-5 so a dead weight column cannot divide by zero; scales below 1e-2 are
+    raised to 1e-2 (DuQuant's rule) so a dead activation channel (max 0) does not become an
+    enormous weight column.
     """
-    a = act_absmax.double().clamp(min=0)
+    a = act_absmax.double().clamp(min=act_floor)
     w = w_absmax.double().clamp(min=1e-5)
     s = (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-2)
     return Smooth(s.to(act_absmax.dtype))
@@ -184,19 +185,25 @@ def _step_matrices(g: torch.Tensor, channel: torch.Tensor, out: torch.Tensor | N
     return step
 
 
-def _candidate_mask(xb: torch.Tensor) -> torch.Tensor:
+def _candidate_mask(xb: torch.Tensor, prune: bool = True) -> torch.Tensor:
     """[n, T] True for the rows of each block [n, T, b] that can ever hold the block's max |x|.
 
     A rotation keeps each row's 2-norm, a row's max |x| is at most its 2-norm, and the block max
     is at least (largest row 2-norm) / sqrt(b). Rows below that bound can never be the maximum,
-    so dropping them changes nothing in the search.
+    so dropping them changes nothing in the search. The bound says nothing about a block's signed
+    max - min (the "range" stop rule), so `prune=False` keeps every row.
     """
     norms = xb.norm(dim=-1)
+    if not prune:
+        return torch.ones_like(norms, dtype=torch.bool)
     return norms >= norms.amax(1, keepdim=True) / math.sqrt(xb.shape[-1])
 
 
-def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: bool) -> torch.Tensor:
+def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: bool, stop: str = "absmax") -> torch.Tensor:
     """Greedy outlier-spreading search on xb [n, T, b]; returns [n, b, b], or [1, b, b] if shared.
+
+    g is the spreading matrix [b, b], or one per block [n, b, b]. `stop` is what the kept prefix
+    minimises: "absmax" (max |x|) or "range" (max x - min x, the published code's score).
 
     For the per-block rule xb holds only the candidate rows (`_stack_candidates`). A float32 xb
     becomes one of the search's two row buffers and is overwritten.
@@ -220,12 +227,15 @@ def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: 
     cur = xb.float()
 
     def peak(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Max |y| per block (or global) and the channel the next step should spread."""
+        """The score per block (or global) and the channel the next step should spread."""
         if shared:
             a = y.abs()
             block, token, col = torch.unravel_index(a.argmax(), a.shape)
-            return a[block, token, col].reshape(1), ((token * n + block) % b).reshape(1)
-        return torch.maximum(y.amax(1), -y.amin(1)).max(-1)  # max |y| per channel, no |y| copy of the rows
+            score = a[block, token, col] if stop == "absmax" else y.amax() - y.amin()
+            return score.reshape(1), ((token * n + block) % b).reshape(1)
+        hi, lo = y.amax(1), y.amin(1)  # per channel, no |y| copy of the rows
+        score, channel = torch.maximum(hi, -lo).max(-1)
+        return (score if stop == "absmax" else hi.amax(-1) - lo.amin(-1)), channel
 
     best, channel = peak(cur)
     rot = torch.eye(b, device=xb.device).repeat(channel.shape[0], 1, 1)
@@ -250,7 +260,8 @@ def _blocks_of(x: torch.Tensor, b: int) -> torch.Tensor:
     return einops.rearrange(x.reshape(-1, x.shape[-1])[:, : n * b].double(), "t (n b) -> n t b", b=b)
 
 
-def _stack_candidates(xs: list[torch.Tensor], blocks_of: Callable[[torch.Tensor], torch.Tensor], b: int) -> torch.Tensor:
+def _stack_candidates(xs: list[torch.Tensor], blocks_of: Callable[[torch.Tensor], torch.Tensor], b: int,
+                      prune: bool = True) -> torch.Tensor:
     """The candidate rows (`_candidate_mask`) of every site's blocks `blocks_of(x)` [n_i, T_i, b],
     stacked into one float32 search input [sum n_i, rows, b].
 
@@ -258,7 +269,7 @@ def _stack_candidates(xs: list[torch.Tensor], blocks_of: Callable[[torch.Tensor]
     zero under rotation and so never change a block's max |x| or the channel holding it. The
     stack is filled one site at a time, so beside it only one site's blocks exist at once.
     """
-    keeps = [_candidate_mask(blocks_of(x)) for x in xs]
+    keeps = [_candidate_mask(blocks_of(x), prune) for x in xs]
     rows = max(int(k.sum(1).max()) for k in keeps)
     out = torch.zeros(sum(k.shape[0] for k in keeps), rows, b, device=xs[0].device)
     start = 0
@@ -270,33 +281,45 @@ def _stack_candidates(xs: list[torch.Tensor], blocks_of: Callable[[torch.Tensor]
     return out
 
 
+def _spreading_per_block(size: int, seeds: list[int], blocks_per_site: int, device) -> torch.Tensor:
+    """The spreading matrix of each site's seed, [size, size] when all sites share one seed (it
+    then broadcasts over the blocks), else one per block of the stacked search [sites * blocks, size, size]."""
+    mats = {s: _spreading_matrix(size, s) for s in dict.fromkeys(seeds)}
+    if len(mats) == 1:
+        return next(iter(mats.values())).to(device)
+    return torch.stack([mats[s] for s in seeds]).repeat_interleave(blocks_per_site, 0).to(device)
+
+
 def fit_block_rotations(
-    xs: list[torch.Tensor], block_size: int = 128, max_steps: int = 256, seed: int = 0, shared: bool = False
+    xs: list[torch.Tensor], block_size: int = 128, max_steps: int = 256, seed: int | list[int] = 0,
+    shared: bool = False, stop: str = "absmax",
 ) -> list[BlockRotation]:
     """Fit R1/R2 of DuQuant for several sites at once (DUQUANT.md section 3, step 1).
 
     Every x [..., C] (same C; e.g. the inputs of all experts of a layer) gets its own rotation, as
     if fit alone; stacking their blocks into one search only saves the per-step overhead. The
     block size is capped at C. A tail block (C mod b channels) gets its own greedy search; the
-    shared variant has nothing to share with it, so it uses the per-block rule there.
+    shared variant has nothing to share with it, so it uses the per-block rule there. `seed` seeds
+    the spreading matrix, one for every site or one per site.
     """
     c = xs[0].shape[-1]
     if any(x.shape[-1] != c for x in xs):
         raise ValueError("fit_block_rotations needs inputs with the same channel count")
+    seeds = [seed] * len(xs) if isinstance(seed, int) else list(seed)
     b = min(block_size, c)
     n, r = divmod(c, b)
     device = xs[0].device
-    g = _spreading_matrix(b, seed).to(device)
+    prune = stop == "absmax"
     if shared:
-        blocks = [_greedy_rotation(_blocks_of(x, b).contiguous(), max_steps, g, True) for x in xs]
+        blocks = [_greedy_rotation(_blocks_of(x, b).contiguous(), max_steps, _spreading_matrix(b, s).to(device), True, stop)
+                  for x, s in zip(xs, seeds)]
     else:
-        stacked = _stack_candidates(xs, lambda x: _blocks_of(x, b), b)
-        blocks = list(_greedy_rotation(stacked, max_steps, g, False).split(n))
+        stacked = _stack_candidates(xs, lambda x: _blocks_of(x, b), b, prune)
+        blocks = list(_greedy_rotation(stacked, max_steps, _spreading_per_block(b, seeds, n, device), False, stop).split(n))
     tails: list[torch.Tensor | None] = [None] * len(xs)
     if r:
-        g_tail = _spreading_matrix(r, seed).to(device)
-        stacked = _stack_candidates(xs, lambda x: x.reshape(-1, c)[None, :, n * b :].double(), r)
-        tails = list(_greedy_rotation(stacked, max_steps, g_tail, False))
+        stacked = _stack_candidates(xs, lambda x: x.reshape(-1, c)[None, :, n * b :].double(), r, prune)
+        tails = list(_greedy_rotation(stacked, max_steps, _spreading_per_block(r, seeds, 1, device), False, stop))
     return [BlockRotation(bl.to(x.dtype), None if t is None else t.to(x.dtype)) for bl, t, x in zip(blocks, tails, xs)]
 
 
@@ -339,12 +362,15 @@ def fit_rotations(
     max_steps: int = 256,
     permute: bool = True,
     rotate: bool = True,
-    seed: int = 0,
+    seed: int | list[int] = 0,
     shared: bool = False,
+    stop: str = "absmax",
+    seed2: int | list[int] | None = None,
 ) -> list[Compose]:
     """R1 . P . R2 for each of several sites (same channel count), fit jointly for speed.
 
     Each site's transform is exactly what fitting it alone gives. Disabled steps are left out.
+    R1 uses `seed` and R2 `seed2` (default: the same) for its spreading matrix.
     """
     cur = [x.reshape(-1, x.shape[-1]).double() for x in xs]
     steps: list[list[nn.Module]] = [[] for _ in xs]
@@ -355,11 +381,11 @@ def fit_rotations(
             cur[i] = t.act(cur[i])
 
     if rotate:
-        add(fit_block_rotations(cur, block_size, max_steps, seed, shared))
+        add(fit_block_rotations(cur, block_size, max_steps, seed, shared, stop))
     if permute:
         add([zigzag_permutation(x.abs().amax(0), block_size) for x in cur])
     if rotate:
-        add(fit_block_rotations(cur, block_size, max_steps, seed, shared))
+        add(fit_block_rotations(cur, block_size, max_steps, seed if seed2 is None else seed2, shared, stop))
     return [Compose(st).to(x.dtype) for st, x in zip(steps, xs)]
 
 

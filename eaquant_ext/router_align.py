@@ -50,7 +50,7 @@ def align_router(weight: torch.Tensor, x: torch.Tensor, quant: QuantConfig, top_
     w, x = weight.double(), x.double()
     n = w.shape[0]
     m = experts_in_kl(top_k, n, kl_top)
-    x_q = fake_quant(x, quant.router_abits, quant.a_sym, quant.lac)
+    x_q = fake_quant(x, quant.router_abits, quant.a_sym, quant.lac, quant.act_with_zero)
     fp_logits = x @ w.T
     ratios = torch.full((n, 1), quant.swc, dtype=w.dtype)
     w_q = fake_quant(w, quant.router_wbits, quant.w_sym, ratios)

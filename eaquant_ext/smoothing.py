@@ -15,24 +15,25 @@ from functools import partial
 
 import torch
 
-from duquant.pipeline import weight_absmax
+from duquant.config import DuQuantConfig
+from duquant.pipeline import site_smoothing, smoothing_readers
 from duquant.stats import LayerStats
-from duquant.transforms import fit_smooth
 from models.spec import LayerView
 
 
-def requirement(act_absmax: torch.Tensor, readers: list, alpha: float) -> torch.Tensor:
-    return fit_smooth(act_absmax, weight_absmax(readers), alpha).scale.double()
+def requirement(act_absmax: torch.Tensor, readers: list, cfg: DuQuantConfig) -> torch.Tensor:
+    return site_smoothing(act_absmax, readers, cfg).double()
 
 
-def expert_requirements(view: LayerView, act_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+def expert_requirements(view: LayerView, act_absmax: torch.Tensor, cfg: DuQuantConfig) -> torch.Tensor:
     """[n_experts, C]: each expert's own smoothing vector for the shared MoE input."""
-    return torch.stack([requirement(act_absmax, e.in_projs, alpha) for e in view.experts])
+    return torch.stack([requirement(act_absmax, smoothing_readers(cfg, e.in_projs, e.up_proj), cfg)
+                        for e in view.experts])
 
 
-def aggregate(view: LayerView, stats: LayerStats, alpha: float, rule: str, include_router: bool) -> torch.Tensor:
+def aggregate(view: LayerView, stats: LayerStats, cfg: DuQuantConfig, rule: str, include_router: bool) -> torch.Tensor:
     x = stats[view.router].absmax
-    per_expert = expert_requirements(view, x, alpha)
+    per_expert = expert_requirements(view, x, cfg)
     if rule == "maximum":
         s = per_expert.amax(0)
     else:
@@ -40,16 +41,16 @@ def aggregate(view: LayerView, stats: LayerStats, alpha: float, rule: str, inclu
         weights = r.counts.double() if rule == "expert_frequency" else r.prob_sum / max(r.tokens, 1)
         weights = weights / weights.sum().clamp_min(1e-12)
         s = (weights[:, None] * per_expert).sum(0)
-    others = [requirement(x, sh.in_projs, alpha) for sh in view.shared]
+    others = [requirement(x, smoothing_readers(cfg, sh.in_projs, sh.up_proj), cfg) for sh in view.shared]
     if view.shared_gate is not None:
-        others.append(requirement(x, [view.shared_gate], alpha))
+        others.append(requirement(x, [view.shared_gate], cfg))
     if include_router:
-        others.append(requirement(x, [view.router], alpha))
+        others.append(requirement(x, [view.router], cfg))
     for o in others:
         s = torch.maximum(s, o)
     return s.float()
 
 
 def moe_smoothing(rule: str, include_router: bool):
-    """The `Extensions.moe_smoothing` hook, (view, stats, alpha) -> s, for one aggregation rule."""
+    """The `Extensions.moe_smoothing` hook, (view, stats, cfg) -> s, for one aggregation rule."""
     return partial(aggregate, rule=rule, include_router=include_router)

@@ -32,6 +32,8 @@ class ModelSpec:
     attn_norm: str = "input_layernorm"
     attn_in: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     attn_out: str = "self_attn.o_proj"
+    # The projection whose output rows are attn_out's input channels (per head), or None.
+    attn_value: str | None = "self_attn.v_proj"
     attn: str = "self_attn"
     mlp_norm: str = "post_attention_layernorm"
     mlp: str = "mlp"
@@ -93,6 +95,7 @@ class LayerView:
     shared_gate: nn.Linear | None = None
     dense: MLPView | None = None
     top_k: int = 0
+    attn_value: nn.Linear | None = None
 
     @property
     def num_experts(self) -> int:
@@ -147,6 +150,7 @@ def resolve(spec: ModelSpec, layer: nn.Module, config, index: int) -> LayerView:
         attn_norm=get_module(layer, spec.attn_norm),
         attn_in=[get_module(layer, p) for p in spec.attn_in],
         attn_out=get_module(layer, spec.attn_out),
+        attn_value=get_module(layer, spec.attn_value) if spec.attn_value is not None else None,
         mlp_norm=get_module(layer, spec.mlp_norm),
         mlp=mlp,
         is_moe=spec.is_moe_layer(config, index),

@@ -59,17 +59,18 @@ def _first_moe_stats(arch):
 def test_maximum_rule_covers_every_expert_and_the_router(arch):
     view, stats = _first_moe_stats(arch)
     x = stats[view.router].absmax
-    s = aggregate(view, stats, 0.6, "maximum", include_router=True).double()
-    assert torch.all(s[None] >= expert_requirements(view, x, 0.6) - 1e-6)
-    assert torch.all(s >= requirement(x, [view.router], 0.6) - 1e-6)
+    cfg = DuQuantConfig(alpha=0.6)
+    s = aggregate(view, stats, cfg, "maximum", include_router=True).double()
+    assert torch.all(s[None] >= expert_requirements(view, x, cfg) - 1e-6)
+    assert torch.all(s >= requirement(x, [view.router], cfg) - 1e-6)
     for sh in view.shared:
-        assert torch.all(s >= requirement(x, sh.in_projs, 0.6) - 1e-6)
+        assert torch.all(s >= requirement(x, sh.in_projs, cfg) - 1e-6)
 
 
 def test_weighted_rules_use_routing_statistics():
     view, stats = _first_moe_stats("olmoe")
-    freq = aggregate(view, stats, 0.6, "expert_frequency", include_router=False)
-    probs = aggregate(view, stats, 0.6, "router_logits", include_router=False)
+    freq = aggregate(view, stats, DuQuantConfig(), "expert_frequency", include_router=False)
+    probs = aggregate(view, stats, DuQuantConfig(), "router_logits", include_router=False)
     assert torch.isfinite(freq).all() and torch.isfinite(probs).all() and not torch.equal(freq, probs)
 
 

@@ -1,0 +1,168 @@
+"""The fidelity options (duquant.config.CHOICES, `--recipe`): each is exact in full precision on every
+architecture, does what its name says, and the recipes resolve with explicit options winning."""
+import dataclasses
+
+import pytest
+import torch
+
+import main
+from duquant import packed
+from duquant.config import CHOICES, DuQuantConfig, QuantConfig
+from duquant.fp_stats import fp_site_absmax
+from duquant.pipeline import mean_sequence, quantize_model
+from duquant.quantizer import fake_quant, quant_params
+from duquant.recipes import RECIPES
+from duquant.stats import collect, hooked_sites
+from duquant.transforms import Smooth, _greedy_rotation, _spreading_matrix, fit_rotations
+from models import get_spec, resolve
+from models.experts import unfuse_experts
+from models.spec import decoder_layers
+from models.tiny import tiny_model
+
+from .conftest import ALL_ARCHS
+from .helpers import gen, outlier_model, rel_err, tiny_data
+
+FP = QuantConfig(16, 16, 16, 16, 16)
+FAST = dict(block_size=32, max_rotation_step=16)
+
+
+def official(**overrides) -> DuQuantConfig:
+    values = {k: v for k, v in RECIPES["official"].items() if k in {f.name for f in dataclasses.fields(DuQuantConfig)}}
+    return DuQuantConfig(**{**values, **FAST, **overrides})
+
+
+def _logits_before_after(model, tok, cfg, quant=FP):
+    calib, x = tiny_data(tok)
+    with torch.no_grad():
+        ref = model(x).logits
+    quantize_model(model, get_spec(model), calib, quant, cfg, seed=0)
+    with torch.no_grad():
+        out = model(x).logits
+    return ref, out
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float64, 1e-8)])
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_official_recipe_at_16_bits_leaves_logits_unchanged(arch, dtype, tol):
+    model, tok = outlier_model(arch, dtype)
+    ref, out = _logits_before_after(model, tok, official())
+    assert rel_err(out, ref) < tol
+
+
+@pytest.mark.parametrize("option, value", [(k, v[1]) for k, v in CHOICES.items() if k != "act_range"])
+def test_each_fidelity_choice_alone_is_exact(option, value):
+    model, tok = outlier_model("mixtral")
+    ref, out = _logits_before_after(model, tok, DuQuantConfig(**FAST, **{option: value}))
+    assert rel_err(out, ref) < 1e-4
+
+
+def _mha_llama():
+    """A tiny Llama with as many value heads as query heads, where o-in smoothing can fold into v_proj."""
+    model, tok = tiny_model("llama", num_key_value_heads=4)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[[3, 17]] *= 25
+    return model, tok
+
+
+def test_o_smoothing_folds_into_v_proj_exactly_and_only_with_multi_head_attention():
+    model, tok = _mha_llama()
+    ref, out = _logits_before_after(model, tok, DuQuantConfig(**FAST, o_smooth="fold_v"))
+    assert rel_err(out, ref) < 1e-4
+    o_transforms = [layer.self_attn.o_proj.transform for layer in model.model.layers]
+    assert all(not any(isinstance(t, Smooth) for t in o.modules()) for o in o_transforms)
+    gqa, tok = outlier_model("llama")  # 2 value heads for 4 query heads: stays online
+    _logits_before_after(gqa, tok, DuQuantConfig(**FAST, o_smooth="fold_v"))
+    assert all(any(isinstance(t, Smooth) for t in layer.self_attn.o_proj.transform.modules()) for layer in gqa.model.layers)
+
+
+def test_fp_statistics_are_the_unquantized_models_input_maxima():
+    model, tok = outlier_model("qwen2_moe")
+    spec = get_spec(model)
+    calib, _ = tiny_data(tok)
+    maxima = fp_site_absmax(model, spec, calib, None, "cpu")
+    unfuse_experts(model, spec)
+    layers = decoder_layers(model, spec)
+    views = [resolve(spec, layer, model.config, i) for i, layer in enumerate(layers)]
+    sites = [m for v in views for m in hooked_sites(v)]
+    with collect(sites, None, 0, 0, 0) as stats, torch.no_grad():
+        model(calib)
+    for layer, view, got in zip(layers, views, maxima):
+        names = {m: n for n, m in layer.named_modules()}
+        for m in hooked_sites(view):
+            if stats[m].absmax is None:
+                assert got[names[m]] is None
+            else:
+                torch.testing.assert_close(got[names[m]], stats[m].absmax, rtol=1e-5, atol=1e-6)
+
+
+def test_fp_statistics_change_smoothing_only_after_the_first_layer():
+    """Layer 0's inputs are the same for the FP and the quantized model, later layers' are not."""
+    norms = {}
+    for stats_rule in ("quantized", "fp"):
+        model, tok = outlier_model("llama")
+        calib, _ = tiny_data(tok)
+        quantize_model(model, get_spec(model), calib, QuantConfig(4, 4), DuQuantConfig(**FAST, smooth_stats=stats_rule))
+        norms[stats_rule] = [layer.input_layernorm.weight.clone() for layer in model.model.layers]
+    assert torch.equal(norms["fp"][0], norms["quantized"][0])
+    assert not torch.equal(norms["fp"][1], norms["quantized"][1])
+
+
+def test_mean_sequence_is_the_elementwise_mean():
+    xs = [torch.randn(1, 5, 3, generator=gen(i)) for i in range(4)]
+    torch.testing.assert_close(mean_sequence(xs), torch.stack(xs).mean(0))
+
+
+def test_redrawn_spreading_matrices_differ_per_site_and_joint_fits_stay_exact():
+    g = gen(3)
+    xs = [torch.randn(50, 64, generator=g, dtype=torch.float64) * torch.linspace(1, 20, 64) for _ in range(3)]
+    joint = fit_rotations(xs, block_size=32, max_steps=12, seed=[1, 2, 3], seed2=[4, 5, 6])
+    for x, t, s1, s2 in zip(xs, joint, (1, 2, 3), (4, 5, 6)):
+        alone = fit_rotations([x], block_size=32, max_steps=12, seed=s1, seed2=s2)[0]
+        torch.testing.assert_close(t.act(x), alone.act(x), rtol=0, atol=1e-9)
+    same = fit_rotations(xs[:1], block_size=32, max_steps=12, seed=1)[0]
+    assert not torch.allclose(same.act(xs[0]), joint[0].act(xs[0]))
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_range_stop_keeps_the_prefix_with_the_smallest_max_minus_min(shared):
+    x = torch.randn(1 if shared else 4, 200, 16, generator=gen(7))
+    x[..., 3] *= 15
+    g = _spreading_matrix(16, 0)
+    span = lambda r: (x @ r).amax((1, 2)) - (x @ r).amin((1, 2))  # noqa: E731
+    rot_range = _greedy_rotation(x.clone(), 30, g, shared, "range")
+    rot_abs = _greedy_rotation(x.clone(), 30, g, shared, "absmax")
+    assert torch.all(span(rot_range.float()) <= span(rot_abs.float()) + 1e-4)
+    assert torch.all(span(rot_range.float()) <= span(torch.eye(16).expand_as(rot_range)) + 1e-4)
+
+
+def test_minmax_activation_range_is_finer_on_a_positive_row():
+    x = torch.linspace(2.0, 3.0, 64)[None]
+    _, zero = quant_params(x, 4, with_zero=False)
+    assert zero.item() < 0  # the grid starts at the row's minimum, above 0
+    err_minmax = (fake_quant(x, 4, with_zero=False) - x).abs().max()
+    err_zero = (fake_quant(x, 4) - x).abs().max()
+    assert err_minmax < err_zero / 2
+
+
+def test_minmax_activation_range_survives_save_and_load(tmp_path):
+    model, tok = outlier_model("mixtral")
+    calib, x = tiny_data(tok)
+    quant = QuantConfig(4, 4, act_range="minmax")
+    quantize_model(model, get_spec(model), calib, quant, DuQuantConfig(**FAST), seed=0)
+    with torch.no_grad():
+        ref = model(x).logits
+    packed.save_quantized(model, tok, tmp_path / "q", {"model": "tiny", "method": "duquant"})
+    loaded, _, _ = packed.load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, ref)
+
+
+def test_recipe_fills_unset_options_and_explicit_options_win():
+    args = main.parse_args(["--recipe", "official", "--rotation", "paper", "--no-smooth"])
+    assert args.smooth_stats == "fp" and args.rotation_data == "mean" and args.act_range == "minmax"
+    assert args.rotation == "paper" and args.smooth is False
+    assert main.parse_args([]).smooth_stats == "quantized"
+    for name, recipe in RECIPES.items():
+        parsed = main.parse_args(["--recipe", name])
+        assert all(getattr(parsed, k) == v for k, v in recipe.items())
