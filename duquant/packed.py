@@ -5,6 +5,9 @@ A saved directory holds
     quant_config.json              the run's method and options, and per quantized linear: bits, grid
                                    shape, activation quantizer and transform id; transform structures;
                                    KV-cache quantizers
+    manifest.json                  every tensor's name, shape, dtype and sha256, and the sha256 of every
+                                   other file; `load_quantized` refuses a directory that differs from it
+                                   (an edited quant_config.json would otherwise load under a wrong label)
     model.safetensors              <linear>.qweight (codes, two 4-bit or 3-bit values per byte, four
                                    2-bit values, one byte from 5 bits up), <linear>.scale / .zero
                                    (/ .g_idx with groups); FP weights of unquantized linears;
@@ -16,6 +19,7 @@ the in-memory fake-quantized model's bit for bit. The same per-module state (`mo
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -24,6 +28,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from models.errors import ModelLoadError
 from models.files import write_dir_atomically
 from models.spec import ModelSpec, decoder_layers, set_module
 
@@ -33,9 +38,10 @@ from .qlinear import QLinear
 from .quantizer import ActQuantizer, QuantizedWeight
 from .transforms import BlockRotation, Compose, Permutation, Smooth
 
-FORMAT = 1
+FORMAT = 2  # 2: manifest.json
 QUANT_CONFIG = "quant_config.json"
 WEIGHTS = "model.safetensors"
+MANIFEST = "manifest.json"
 
 
 class QuantizedLoadError(RuntimeError):
@@ -116,7 +122,8 @@ def module_state(root: nn.Module, skip: str | None = None) -> tuple[dict[str, to
             continue
         if isinstance(m, QLinear):
             owned.append(name + ".")
-            entry = {"act": {"bits": m.act_quant.bits, "sym": m.act_quant.sym, "clip": m.act_quant.clip_ratio}}
+            a = m.act_quant
+            entry = {"act": {"bits": a.bits, "sym": a.sym, "clip": a.clip_ratio, "with_zero": a.with_zero}}
             if m.transform is not None:
                 if id(m.transform) not in ids:
                     tid = ids[id(m.transform)] = f"t{len(ids)}"
@@ -137,7 +144,8 @@ def module_state(root: nn.Module, skip: str | None = None) -> tuple[dict[str, to
             linears[name] = entry
         elif isinstance(m, kvquant.KVQuant):
             owned.append(name + ".")
-            kv[name] = {"bits": m.bits, "sym": m.sym, "clip": m.clip, "head_dim": m.hadamard.shape[0]}
+            kv[name] = {"bits": m.bits, "sym": m.sym, "clip": m.clip, "with_zero": m.with_zero,
+                        "head_dim": m.hadamard.shape[0]}
     seen: dict[int, str] = {}
     for key, value in root.state_dict().items():
         if any(key.startswith(p) for p in owned) or (skip is not None and key.startswith(skip)):
@@ -188,15 +196,29 @@ def apply_state(root: nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -
             qw = QuantizedWeight(tensors[f"{name}.weight"].to(dtype))
         else:
             codes = unpack_codes(tensors[f"{name}.qweight"], e["bits"], e["sym"], e["shape"][-1])
+            _check_codes(name, codes, e)
             scale = tensors[f"{name}.scale"]
             qw = QuantizedWeight.from_codes(codes, scale, tensors[f"{name}.zero"].to(scale.dtype), e["bits"],
                                             e["sym"], dtype, tensors.get(f"{name}.g_idx"))
         if f"{name}.bias" in tensors:
             inner.bias.data = tensors[f"{name}.bias"].to(inner.bias.dtype)
-        act = ActQuantizer(e["act"]["bits"], e["act"]["sym"], e["act"]["clip"])
+        # Models saved before the activation range became an option all forced 0 into the range.
+        act = ActQuantizer(e["act"]["bits"], e["act"]["sym"], e["act"]["clip"], e["act"].get("with_zero", True))
         set_module(root, name, QLinear(inner, built.get(e.get("transform")), act, quantized=qw))
     for name, e in meta["kv"].items():
-        set_module(root, name, kvquant.KVQuant(e["bits"], e["head_dim"], e["sym"], e["clip"]))
+        set_module(root, name, kvquant.KVQuant(e["bits"], e["head_dim"], e["sym"], e["clip"], e.get("with_zero", True)))
+
+
+def _check_codes(name: str, codes: torch.Tensor, entry: dict) -> None:
+    """Codes that do not fit the recorded shape and bit width mean the record is not the codes'."""
+    bits, sym = entry["bits"], entry["sym"]
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if sym else (0, 2**bits - 1)
+    if list(codes.shape) != list(entry["shape"]):
+        raise QuantizedLoadError(f"{name}: the saved codes are {list(codes.shape)} but the config says "
+                                 f"{entry['shape']}; the saved model is inconsistent, save it again")
+    if codes.numel() and (codes.min() < lo or codes.max() > hi):
+        raise QuantizedLoadError(f"{name}: the saved codes span {codes.min()}..{codes.max()}, outside the "
+                                 f"{bits}-bit range {lo}..{hi} the config records; save the model again")
 
 
 def packed_size(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
@@ -234,40 +256,117 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, run_config:
             tokenizer.save_pretrained(tmp)
         doc = {"format": FORMAT, "dtype": dtype, "run": run_config, "size": size, **meta}
         (tmp / QUANT_CONFIG).write_text(json.dumps(doc, indent=1))
+        (tmp / MANIFEST).write_text(json.dumps(manifest(tmp, tensors), indent=1))
 
     write_dir_atomically(out, fill)
     return {**size, "total_bytes": sum(f.stat().st_size for f in out.iterdir())}
 
 
+# ----------------------------------------------------------------------------- manifest
+
+
+def _sha256(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _tensor_entry(t: torch.Tensor) -> dict:
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "sha256": _sha256(raw)}
+
+
+def manifest(directory: Path, tensors: dict[str, torch.Tensor]) -> dict:
+    """What `directory` holds: every tensor of the weights file and the checksum of every other file."""
+    files = sorted(f for f in directory.iterdir() if f.is_file() and f.name not in (WEIGHTS, MANIFEST))
+    return {"tensors": {name: _tensor_entry(t) for name, t in sorted(tensors.items())},
+            "files": {f.name: _sha256(f.read_bytes()) for f in files}}
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        doc = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise QuantizedLoadError(f"{path} has no {MANIFEST} (saved by an older version, or damaged); "
+                                 "save the model again") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QuantizedLoadError(f"{path / MANIFEST} is corrupt ({e}); save the model again") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), dict) or not isinstance(doc.get("files"), dict):
+        raise QuantizedLoadError(f"{path / MANIFEST} lacks its tensors or files list; save the model again")
+    return doc
+
+
+def _check_files(path: Path, listed: dict) -> None:
+    for name, digest in listed.items():
+        f = path / name
+        if not f.is_file():
+            raise QuantizedLoadError(f"{f} is missing (the manifest lists it); save the model again")
+        if _sha256(f.read_bytes()) != digest:
+            raise QuantizedLoadError(f"{f} was changed after saving (its checksum differs from {MANIFEST}'s); "
+                                     "restore it or save the model again")
+
+
+def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], listed: dict) -> None:
+    missing, unexpected = sorted(set(listed) - set(tensors)), sorted(set(tensors) - set(listed))
+    if missing or unexpected:
+        raise QuantizedLoadError(f"{path / WEIGHTS} does not hold the tensors of {MANIFEST} (missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]}); save the model again")
+    for name, t in tensors.items():
+        found, want = _tensor_entry(t), listed[name]
+        for key in ("shape", "dtype", "sha256"):
+            if found[key] != want.get(key):
+                raise QuantizedLoadError(f"{path / WEIGHTS}: tensor {name} has {key} {found[key]} but {MANIFEST} "
+                                         f"says {want.get(key)}; the file was changed or damaged, save the model again")
+
+
 def read_saved(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """quant_config.json and the tensors of a saved model, with one-line errors for broken directories."""
+    """quant_config.json and the tensors of a saved model, checked against its manifest, with
+    one-line errors for broken or edited directories."""
     path = Path(path)
     if not (path / QUANT_CONFIG).is_file():
         raise QuantizedLoadError(f"{path} is not a saved quantized model (no {QUANT_CONFIG}); save one with --save_dir")
     try:
         meta = json.loads((path / QUANT_CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise QuantizedLoadError(f"{path / QUANT_CONFIG} is corrupt ({e.msg}); save the model again") from None
-    if meta.get("format") != FORMAT:
-        raise QuantizedLoadError(f"{path} has format {meta.get('format')}, this version reads {FORMAT}; save it again")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QuantizedLoadError(f"{path / QUANT_CONFIG} is corrupt ({e}); save the model again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise QuantizedLoadError(f"{path} has format {found}, this version reads {FORMAT}; save it again")
+    listed = _read_manifest(path)
+    _check_files(path, listed["files"])
     try:
         tensors = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError, ValueError) as e:
-        raise QuantizedLoadError(f"{path / WEIGHTS} is missing or corrupt ({str(e).splitlines()[0][:120]}); "
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise QuantizedLoadError(f"{path / WEIGHTS} is missing or corrupt ({first[:120]}); "
                                  "save the model again") from None
+    _check_tensors(path, tensors, listed["tensors"])
     return meta, tensors
 
 
 def load_quantized(path: str | Path):
     """(model, tokenizer, quant_config) of a directory written by `save_quantized`, on the CPU."""
+    path = Path(path)
+    meta, tensors = read_saved(path)
+    try:
+        return _rebuild(path, meta, tensors)
+    except (QuantizedLoadError, ModelLoadError):
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+        # The files match their manifest, so quant_config.json was written by a version that
+        # describes the model differently (or the manifest was rewritten along with an edit).
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise QuantizedLoadError(f"{path / QUANT_CONFIG} does not describe the saved tensors "
+                                 f"({type(e).__name__}: {first}); save the model again") from None
+
+
+def _rebuild(path: Path, meta: dict, tensors: dict[str, torch.Tensor]):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from models import get_spec
     from models.experts import unfuse_experts
 
-    path = Path(path)
-    meta, tensors = read_saved(path)
     dtype = getattr(torch, meta["dtype"])
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype {meta['dtype']!r} is not a torch dtype")
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     spec = get_spec(model)
