@@ -1,11 +1,81 @@
 """Atomic writes: results, checkpoints, caches and saved models appear whole or not at all, so a
-run killed mid-write never leaves a file that a later run (or a resume) would trust."""
+run killed mid-write never leaves a file that a later run (or a resume) would trust.
+
+A write that fails (full disk, file-size limit, no permission) raises `WriteError`, one line that
+names the file and the fix, after its temporary is removed. Temporaries a killed earlier run left
+behind (`.X.tmp-<pid>`, `.X.old-<pid>` of a process that no longer exists) are removed the next
+time `X` is written, or earlier by `remove_stale_temporaries`.
+"""
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import re
+import resource
 import shutil
 from pathlib import Path
 from typing import Callable
+
+log = logging.getLogger(__name__)
+
+# A failed write at least this close to the disk's end was the disk filling up.
+NEARLY_FULL_BYTES = 1 << 20
+FIXES = {
+    errno.ENOSPC: "free disk space or choose a directory on another disk",
+    errno.EFBIG: "raise the file-size limit (ulimit -f) or choose a smaller output",
+    errno.EDQUOT: "free space within your disk quota",
+    errno.EACCES: "choose a directory you can write to",
+    errno.EPERM: "choose a directory you can write to",
+    errno.EROFS: "choose a directory on a writable file system",
+    errno.ENAMETOOLONG: "choose a shorter name",
+}
+
+
+class WriteError(OSError):
+    """A file that could not be written; the message is one line that names it and the fix."""
+
+
+class PathError(ValueError):
+    """An output path that cannot work (a file, under a file, not writable, too long, no space)."""
+
+
+def describe(e: OSError) -> str:
+    """`e` as one line: what failed, on which file, and what to do about it."""
+    if isinstance(e, WriteError):
+        return str(e)
+    what = e.strerror or (str(e).splitlines() or [type(e).__name__])[0]
+    where = f" ({e.filename})" if e.filename else ""
+    fix = FIXES.get(e.errno)
+    return f"{what}{where}" + (f"; {fix}" if fix else "")
+
+
+def _cause(e: BaseException, tmp: Path) -> int | None:
+    """The errno behind a failed write. Serializers (torch.save, safetensors) report I/O failures as
+    their own exception types, so the file-size limit and a full disk are also recognised by their
+    effect: the temporary reached the limit, or the disk is (nearly) full."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    files = [tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()] if tmp.is_dir() else []
+    if limit != resource.RLIM_INFINITY and any(p.stat().st_size >= limit for p in files):
+        return errno.EFBIG
+    try:
+        if shutil.disk_usage(tmp.parent).free < NEARLY_FULL_BYTES:
+            return errno.ENOSPC
+    except OSError:
+        pass
+    return None
+
+
+def _write_error(e: Exception, path: Path, tmp: Path) -> Exception:
+    code = _cause(e, tmp)
+    if code is None:
+        return e
+    fix = FIXES.get(code)
+    error = WriteError(f"cannot write {path}: {os.strerror(code)}" + (f"; {fix}" if fix else ""))
+    error.errno = code
+    return error
 
 
 def write_file_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -13,9 +83,13 @@ def write_file_atomically(path: str | Path, write: Callable[[Path], None]) -> No
     replaces `path` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as e:
+            raise _write_error(e, path, tmp) from e
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -24,11 +98,16 @@ def write_file_atomically(path: str | Path, write: Callable[[Path], None]) -> No
 def write_dir_atomically(out: str | Path, fill: Callable[[Path], None]) -> None:
     """fill(tmp) writes the directory's files into a temporary sibling, which then replaces `out`."""
     out = Path(out)
+    remove_stale_temporaries(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         fill(tmp)
+    except Exception as e:
+        error = _write_error(e, out, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise error from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -37,3 +116,43 @@ def write_dir_atomically(out: str | Path, fill: Callable[[Path], None]) -> None:
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove the temporaries of `path` left by killed processes; returns what was removed.
+
+    A `.X.old-<pid>` with no `X` next to it is the previous `X` itself (the writer was killed
+    between its two renames), so it is put back instead of removed."""
+    path = Path(path)
+    pattern = re.compile(rf"\.(?:{re.escape(path.stem)}\.tmp-(\d+){re.escape(path.suffix)}"
+                         rf"|{re.escape(path.name)}\.(tmp|old)-(\d+))")
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for p in siblings:
+        m = pattern.fullmatch(p.name)
+        if m is None or _alive(int(m.group(1) or m.group(3))):
+            continue
+        if m.group(2) == "old" and not os.path.lexists(path):
+            os.replace(p, path)
+            log.warning("restored %s from %s, left by a killed run", path, p.name)
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+        log.warning("removed %s, a temporary left by a killed run (process %s)", p, m.group(1) or m.group(3))
+        removed.append(p)
+    return removed

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .errors import ModelLoadError
 from .files import write_file_atomically
@@ -57,6 +57,29 @@ def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
         module.register_buffer(leaf, value, persistent=True)
 
 
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values()):
+            return weight_map
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        pass
+    raise ModelLoadError(f"{index} is corrupt (no readable weight_map); re-download or re-export the checkpoint")
+
+
+@contextmanager
+def _opened(file: Path):
+    """A safetensors file opened for reading; a missing, empty or truncated one is one clear line."""
+    try:
+        handle = safe_open(str(file), "pt")
+    except (SafetensorError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"checkpoint file {file} is missing, empty or truncated ({first[:120]}); "
+                             "re-download or re-export the checkpoint") from None
+    with handle as f:
+        yield f
+
+
 class LazyCheckpoint:
     """The tensors of a safetensors checkpoint directory, read on demand by model parameter name."""
 
@@ -64,9 +87,12 @@ class LazyCheckpoint:
         path = Path(path)
         index = path / "model.safetensors.index.json"
         if index.exists():
-            self.files = {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+            self.files = {k: path / f for k, f in _weight_map(index).items()}
+            for file in sorted(set(self.files.values())):
+                with _opened(file):  # a missing or truncated shard is reported now, not layers later
+                    pass
         elif (path / "model.safetensors").exists():
-            with safe_open(str(path / "model.safetensors"), "pt") as f:
+            with _opened(path / "model.safetensors") as f:
                 self.files = dict.fromkeys(f.keys(), path / "model.safetensors")
         else:
             raise ModelLoadError(f"--stream needs a safetensors checkpoint and {path} has none "
@@ -78,7 +104,7 @@ class LazyCheckpoint:
     def _read(self, name: str) -> torch.Tensor:
         # Opened per read: a handle kept open keeps every page it ever read mapped into the
         # process, so resident memory would grow to the whole checkpoint after one pass.
-        with safe_open(str(self.files[name]), "pt") as f:
+        with _opened(self.files[name]) as f:
             return f.get_tensor(name)
 
     def _renamings(self, name: str) -> list[str]:

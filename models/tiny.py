@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import ModelLoadError
+
 TOKENIZER_DIR = Path(__file__).resolve().parent / "zoo" / "tokenizer"
 
 _BASE = dict(
@@ -42,7 +44,7 @@ def tiny_config(arch: str, **overrides):
     from . import deepseek_moe  # noqa: F401  (registers model_type "deepseek")
 
     if arch not in TINY:
-        raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(TINY)}")
+        raise ModelLoadError(f"unknown tiny model tiny-{arch}; choose from {', '.join('tiny-' + a for a in TINY)}")
     kw = {**_BASE, **TINY[arch], **overrides}
     return AutoConfig.for_model(kw.pop("model_type"), **kw)
 
