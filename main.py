@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from duquant.config import CHOICES, ConfigError, DuQuantConfig, GPTQConfig, QuantConfig
+from duquant.config import CHOICES, QUANT_CHOICES, ConfigError, DuQuantConfig, GPTQConfig, QuantConfig
 from duquant.data import CALIB_DATASETS, PPL_DATASETS, DataError, calibration_segments, ppl_segments
 from duquant.diagnostics import plot_run, summarize
 from duquant.evaluate import FPStates, divergence_from_fp, perplexity
@@ -227,8 +227,9 @@ def build_configs(args) -> tuple[QuantConfig, DuQuantConfig]:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit {args.limit} must be >= 1")
     quant = QuantConfig(args.wbits, args.abits, args.kv_bits, args.router_wbits, args.router_abits,
-                        args.w_sym, args.a_sym, args.swc, args.lac, args.w_clip, args.act_range)
-    fidelity = {k: getattr(args, k) for k in (*CHOICES, "act_absmax_floor") if k != "act_range"}
+                        args.w_sym, args.a_sym, args.swc, args.lac, args.w_clip, args.act_range, args.weight_range,
+                        args.qk_clip)
+    fidelity = {k: getattr(args, k) for k in (*CHOICES, "act_absmax_floor") if k not in QUANT_CHOICES}
     duq = DuQuantConfig(args.smooth, args.rotate, args.permute, args.alpha, args.block_size,
                         args.max_rotation_step, args.permutation_times, args.rotation, args.rotation_tokens,
                         **fidelity)

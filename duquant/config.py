@@ -23,7 +23,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rotation_data": ("sample", "mean"),
     "rotation_seed": ("fixed", "redraw"),
     "rotation_stop": ("absmax", "range"),
+    "spreading": ("uniform", "official"),
+    "weight_range": ("with_zero", "minmax"),
+    "qk_clip": ("none", "lac"),
 }
+
+
+QUANT_CHOICES = ("act_range", "weight_range", "qk_clip")  # the CHOICES that QuantConfig holds; DuQuantConfig the rest
 
 
 def check_choice(name: str, value: str) -> None:
@@ -51,6 +57,8 @@ class QuantConfig:
     lac: float = 0.9  # activation clip ratio
     w_clip: str = "minmax"  # or "mse": per-row clip-ratio search
     act_range: str = "with_zero"  # or "minmax": a token's range need not contain 0 (published code)
+    weight_range: str = "with_zero"  # or "minmax": the same for a weight row
+    qk_clip: str = "none"  # or "lac": Q and K (KV quantization) clipped by lac too (published code); V never
 
     def __post_init__(self):
         if self.kv_bits is None:
@@ -62,7 +70,8 @@ class QuantConfig:
                 raise ConfigError(f"--{name} {getattr(self, name)} must be in (0, 1]")
         if self.w_clip not in ("minmax", "mse"):
             raise ConfigError(f"--w_clip {self.w_clip!r}: choose minmax or mse")
-        check_choice("act_range", self.act_range)
+        for name in QUANT_CHOICES:
+            check_choice(name, getattr(self, name))
 
     @property
     def tag(self) -> str:
@@ -71,6 +80,10 @@ class QuantConfig:
     @property
     def act_with_zero(self) -> bool:
         return self.act_range == "with_zero"
+
+    @property
+    def weight_with_zero(self) -> bool:
+        return self.weight_range == "with_zero"
 
 
 @dataclass
@@ -95,6 +108,7 @@ class DuQuantConfig:
     rotation_data: str = "sample"  # rotations fit on sampled rows, or on the mean calibration sequence
     rotation_seed: str = "fixed"  # one spreading matrix per layer, or a new one per rotation fit
     rotation_stop: str = "absmax"  # greedy search keeps the prefix with the least max |x|, or max - min
+    spreading: str = "uniform"  # spreading matrix: first row 1/sqrt(b), or the published code's matrix
 
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:
@@ -107,8 +121,9 @@ class DuQuantConfig:
             raise ConfigError("--permutation_times and --max_rotation_step must be >= 1")
         if self.act_absmax_floor < 0:
             raise ConfigError(f"--act_absmax_floor {self.act_absmax_floor} must be >= 0")
-        for name in ("smooth_weight", "smooth_stats", "o_smooth", "rotation_data", "rotation_seed", "rotation_stop"):
-            check_choice(name, getattr(self, name))
+        for name in CHOICES:
+            if name not in QUANT_CHOICES:
+                check_choice(name, getattr(self, name))
 
     @classmethod
     def rtn(cls) -> "DuQuantConfig":

@@ -30,7 +30,8 @@ def hadamard(n: int, dtype=torch.float32) -> torch.Tensor:
 
 
 class KVQuant(torch.nn.Module):
-    """Per-layer settings, attached to the attention module as `kv_quant`."""
+    """Per-layer settings, attached to the attention module as `kv_quant`. `clip` applies to Q and K
+    (the published code clips them by lac); V is never clipped."""
 
     def __init__(self, bits: int, head_dim: int, sym: bool = False, clip: float = 1.0, with_zero: bool = True):
         super().__init__()
@@ -39,8 +40,8 @@ class KVQuant(torch.nn.Module):
 
     def forward(self, query, key, value):
         h = self.hadamard.to(query.dtype)
-        q, k = query @ h, key @ h
-        return tuple(fake_quant(t, self.bits, self.sym, self.clip, self.with_zero) for t in (q, k, value))
+        q, k = (fake_quant(t @ h, self.bits, self.sym, self.clip, self.with_zero) for t in (query, key))
+        return q, k, fake_quant(value, self.bits, self.sym, 1.0, self.with_zero)
 
 
 def kv_quant_attention(module, query, key, value, attention_mask, **kwargs):

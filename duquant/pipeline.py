@@ -128,7 +128,7 @@ class LayerQuantizer:
         # on a GPU) run where the layer runs.
         self.device = torch.device(device)
         self.profile = profile  # record per-channel max |x| before/after the transforms (plots)
-        self.w_quant = WeightQuantizer(quant.wbits, quant.w_sym, quant.swc, quant.w_clip)
+        self.w_quant = WeightQuantizer(quant.wbits, quant.w_sym, quant.swc, quant.w_clip, quant.weight_with_zero)
         self.sites_fitted = 0  # rotation sites fitted so far in this layer (numbers the redrawn seeds)
         # defer=True (GPTQ): QLinears keep their transformed FP weight; (QLinear, quantizer) pairs
         # are listed here and rounded by `gptq_layer` once their Hessians are known.
@@ -168,7 +168,7 @@ class LayerQuantizer:
         for round_ in range(c.permutation_times):
             ts = fit_rotations(xs, c.block_size, c.max_rotation_step, c.permute, c.rotate,
                                self.spreading_seeds(len(xs), 2 * round_), c.rotation == "shared",
-                               c.rotation_stop, self.spreading_seeds(len(xs), 2 * round_ + 1))
+                               c.rotation_stop, self.spreading_seeds(len(xs), 2 * round_ + 1), c.spreading)
             for st, t in zip(steps, ts):
                 st.append(t)
             xs = [t.act(x) for t, x in zip(ts, xs)]
@@ -308,11 +308,11 @@ def quantize_layer(view: LayerView, stats: LayerStats, lq: LayerQuantizer) -> tu
         quantized, info["router_align"] = lq.ext.quantize_router(view, router_w_t, x_t, q)
         lq.wrap(view.mlp, _last(view, view.router), t_shared, bits=q.router_abits, quantized=quantized)
     else:
-        router_wq = WeightQuantizer(q.router_wbits, q.w_sym, q.swc, q.w_clip)
+        router_wq = WeightQuantizer(q.router_wbits, q.w_sym, q.swc, q.w_clip, q.weight_with_zero)
         lq.wrap(view.mlp, _last(view, view.router), t_shared, bits=q.router_abits, w_quant=router_wq)
     if view.shared_gate is not None:
         lq.wrap(view.mlp, _last(view, view.shared_gate), t_shared, bits=q.router_abits,
-                w_quant=WeightQuantizer(q.router_wbits, q.w_sym, q.swc, q.w_clip))
+                w_quant=WeightQuantizer(q.router_wbits, q.w_sym, q.swc, q.w_clip, q.weight_with_zero))
     for sh in view.shared:
         lq.mlp(sh, t_shared, stats[sh.down_proj])
 
@@ -596,7 +596,8 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: Quant
             layer_info, fp_router = quantize_layer(view, stats, lq)
             info.update(layer_info)
             if quant.kv_bits < 16:
-                view.attn.kv_quant = kvquant.KVQuant(quant.kv_bits, view.attn.head_dim, quant.a_sym, 1.0,
+                qk_clip = quant.lac if quant.qk_clip == "lac" else 1.0
+                view.attn.kv_quant = kvquant.KVQuant(quant.kv_bits, view.attn.head_dim, quant.a_sym, qk_clip,
                                                    quant.act_with_zero).to(device)
             fit_time += time.time() - t
             if gptq is not None:

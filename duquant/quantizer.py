@@ -83,7 +83,7 @@ def fake_quant(x: torch.Tensor, bits: int, sym: bool = False, clip: float | torc
 
 
 def mse_clip_search(
-    w: torch.Tensor, bits: int, sym: bool = False, grid: int = 20, min_ratio: float = 0.35
+    w: torch.Tensor, bits: int, sym: bool = False, grid: int = 20, min_ratio: float = 0.35, with_zero: bool = True
 ) -> torch.Tensor:
     """Per-row clip ratio in [min_ratio, 1] with the smallest squared reconstruction error, [..., 1].
 
@@ -96,7 +96,7 @@ def mse_clip_search(
     best_err = torch.full((*w.shape[:-1], 1), float("inf"), dtype=work, device=w.device)
     best_ratio = torch.ones_like(best_err)
     for ratio in torch.linspace(1.0, min_ratio, grid).tolist():
-        err = (fake_quant(w, bits, sym, ratio).to(work) - w_ref).pow(2).sum(-1, keepdim=True)
+        err = (fake_quant(w, bits, sym, ratio, with_zero).to(work) - w_ref).pow(2).sum(-1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
@@ -168,13 +168,15 @@ class WeightQuantizer:
     """Static per-output-channel quantizer for a weight [out, in] (after its transform).
 
     clip="minmax" scales each row's range by `clip_ratio` (DuQuant's swc); clip="mse"
-    ignores `clip_ratio` and uses the per-row ratio from `mse_clip_search`.
+    ignores `clip_ratio` and uses the per-row ratio from `mse_clip_search`. `with_zero` forces 0
+    into each row's range (see `quant_params`).
     """
 
     bits: int = 4
     sym: bool = False
     clip_ratio: float = 1.0
     clip: str = "minmax"
+    with_zero: bool = True
 
     def __post_init__(self):
         check_bits(self.bits)
@@ -183,17 +185,17 @@ class WeightQuantizer:
 
     def _ratio(self, w: torch.Tensor) -> float | torch.Tensor:
         if self.clip == "mse":
-            return mse_clip_search(w, self.bits, self.sym)
+            return mse_clip_search(w, self.bits, self.sym, with_zero=self.with_zero)
         return self.clip_ratio
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
         return self.quantize(w).weight
 
     def quantize(self, w: torch.Tensor) -> QuantizedWeight:
-        return quantize_with_grid(w, self.bits, self.sym, self._ratio(w) if self.bits < 16 else 1.0)
+        return quantize_with_grid(w, self.bits, self.sym, self._ratio(w) if self.bits < 16 else 1.0, self.with_zero)
 
     def params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return quant_params(w, self.bits, self.sym, self._ratio(w))
+        return quant_params(w, self.bits, self.sym, self._ratio(w), self.with_zero)
 
 
 class ActQuantizer(nn.Module):

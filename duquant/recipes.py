@@ -19,6 +19,9 @@ OFFICIAL_DUQUANT = {
     "rotation": "shared",
     "rotation_stop": "range",
     "act_range": "minmax",
+    "weight_range": "minmax",
+    "spreading": "official",
+    "qk_clip": "lac",
 }
 
 RECIPES: dict[str, dict[str, object]] = {

@@ -153,19 +153,38 @@ def fit_smooth(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float = 
     return Smooth(s.to(act_absmax.dtype))
 
 
-def _spreading_matrix(b: int, seed: int) -> torch.Tensor:
-    """Orthogonal b x b matrix with first row 1/sqrt(b): x @ G spreads coordinate 0 evenly.
+def _spreading_matrix(b: int, seed: int, kind: str = "uniform") -> torch.Tensor:
+    """Orthogonal b x b matrix whose first row spreads coordinate 0 over all b coordinates.
 
-    The other rows are a seeded random orthogonal completion: QR of a random matrix whose
-    first column is all ones makes Q's first column ones/sqrt(b) (up to sign, fixed here).
+    "uniform": first row exactly 1/sqrt(b) (coordinate 0 spread evenly; what DUQUANT.md describes),
+    the other rows a seeded random orthogonal completion: QR of a random matrix whose first column is
+    all ones makes Q's first column ones/sqrt(b) (up to sign, fixed here).
+    "official": the published code's matrix, a fixed chain of Givens rotations (first row 1/sqrt(b))
+    times diag(1, Q) with Q random orthogonal, which mixes the first row's other entries, so coordinate
+    0 is spread unevenly (largest entry about 0.24 instead of 0.088 at b = 128).
     Built on the CPU so the same seed gives the same matrix on every device.
     """
     gen = torch.Generator().manual_seed(seed)
+    if kind == "official":
+        q, _ = torch.linalg.qr(torch.randn(b - 1, b - 1, generator=gen, dtype=torch.float64))
+        return _givens_chain(b) @ torch.block_diag(torch.ones(1, 1, dtype=torch.float64), q)
     m = torch.randn(b, b, generator=gen, dtype=torch.float64)
     m[:, 0] = 1.0
     q, r = torch.linalg.qr(m)
     q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
     return q.T
+
+
+def _givens_chain(n: int) -> torch.Tensor:
+    """G_{n-2} ... G_1 G_0 with G_i rotating coordinates (i, i+1) by cos 1/sqrt(i+2), then the first
+    and last coordinates swapped: an orthogonal matrix whose first row is exactly 1/sqrt(n)."""
+    r = torch.eye(n, dtype=torch.float64)
+    for i in range(n - 1):
+        c, s = 1 / math.sqrt(i + 2), math.sqrt(i + 1) / math.sqrt(i + 2)
+        r[[i, i + 1]] = torch.tensor([[c, -s], [s, c]], dtype=torch.float64) @ r[[i, i + 1]]
+    swap = torch.arange(n)
+    swap[[0, n - 1]] = swap[[n - 1, 0]]
+    return r[swap][:, swap]
 
 
 def _step_matrices(g: torch.Tensor, channel: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -281,10 +300,10 @@ def _stack_candidates(xs: list[torch.Tensor], blocks_of: Callable[[torch.Tensor]
     return out
 
 
-def _spreading_per_block(size: int, seeds: list[int], blocks_per_site: int, device) -> torch.Tensor:
+def _spreading_per_block(size: int, seeds: list[int], blocks_per_site: int, device, kind: str) -> torch.Tensor:
     """The spreading matrix of each site's seed, [size, size] when all sites share one seed (it
     then broadcasts over the blocks), else one per block of the stacked search [sites * blocks, size, size]."""
-    mats = {s: _spreading_matrix(size, s) for s in dict.fromkeys(seeds)}
+    mats = {s: _spreading_matrix(size, s, kind) for s in dict.fromkeys(seeds)}
     if len(mats) == 1:
         return next(iter(mats.values())).to(device)
     return torch.stack([mats[s] for s in seeds]).repeat_interleave(blocks_per_site, 0).to(device)
@@ -292,7 +311,7 @@ def _spreading_per_block(size: int, seeds: list[int], blocks_per_site: int, devi
 
 def fit_block_rotations(
     xs: list[torch.Tensor], block_size: int = 128, max_steps: int = 256, seed: int | list[int] = 0,
-    shared: bool = False, stop: str = "absmax",
+    shared: bool = False, stop: str = "absmax", spreading: str = "uniform",
 ) -> list[BlockRotation]:
     """Fit R1/R2 of DuQuant for several sites at once (DUQUANT.md section 3, step 1).
 
@@ -311,15 +330,15 @@ def fit_block_rotations(
     device = xs[0].device
     prune = stop == "absmax"
     if shared:
-        blocks = [_greedy_rotation(_blocks_of(x, b).contiguous(), max_steps, _spreading_matrix(b, s).to(device), True, stop)
-                  for x, s in zip(xs, seeds)]
+        blocks = [_greedy_rotation(_blocks_of(x, b).contiguous(), max_steps, _spreading_matrix(b, s, spreading).to(device),
+                                   True, stop) for x, s in zip(xs, seeds)]
     else:
         stacked = _stack_candidates(xs, lambda x: _blocks_of(x, b), b, prune)
-        blocks = list(_greedy_rotation(stacked, max_steps, _spreading_per_block(b, seeds, n, device), False, stop).split(n))
+        blocks = list(_greedy_rotation(stacked, max_steps, _spreading_per_block(b, seeds, n, device, spreading), False, stop).split(n))
     tails: list[torch.Tensor | None] = [None] * len(xs)
     if r:
         stacked = _stack_candidates(xs, lambda x: x.reshape(-1, c)[None, :, n * b :].double(), r, prune)
-        tails = list(_greedy_rotation(stacked, max_steps, _spreading_per_block(r, seeds, 1, device), False, stop))
+        tails = list(_greedy_rotation(stacked, max_steps, _spreading_per_block(r, seeds, 1, device, spreading), False, stop))
     return [BlockRotation(bl.to(x.dtype), None if t is None else t.to(x.dtype)) for bl, t, x in zip(blocks, tails, xs)]
 
 
@@ -366,6 +385,7 @@ def fit_rotations(
     shared: bool = False,
     stop: str = "absmax",
     seed2: int | list[int] | None = None,
+    spreading: str = "uniform",
 ) -> list[Compose]:
     """R1 . P . R2 for each of several sites (same channel count), fit jointly for speed.
 
@@ -381,11 +401,11 @@ def fit_rotations(
             cur[i] = t.act(cur[i])
 
     if rotate:
-        add(fit_block_rotations(cur, block_size, max_steps, seed, shared, stop))
+        add(fit_block_rotations(cur, block_size, max_steps, seed, shared, stop, spreading))
     if permute:
         add([zigzag_permutation(x.abs().amax(0), block_size) for x in cur])
     if rotate:
-        add(fit_block_rotations(cur, block_size, max_steps, seed if seed2 is None else seed2, shared, stop))
+        add(fit_block_rotations(cur, block_size, max_steps, seed if seed2 is None else seed2, shared, stop, spreading))
     return [Compose(st).to(x.dtype) for st, x in zip(steps, xs)]
 
 

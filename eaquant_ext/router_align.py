@@ -53,14 +53,15 @@ def align_router(weight: torch.Tensor, x: torch.Tensor, quant: QuantConfig, top_
     x_q = fake_quant(x, quant.router_abits, quant.a_sym, quant.lac, quant.act_with_zero)
     fp_logits = x @ w.T
     ratios = torch.full((n, 1), quant.swc, dtype=w.dtype)
-    w_q = fake_quant(w, quant.router_wbits, quant.w_sym, ratios)
+    w_q = fake_quant(w, quant.router_wbits, quant.w_sym, ratios, quant.weight_with_zero)
     q_logits = x_q @ w_q.T
     default = routing_metrics(fp_logits, q_logits, top_k)
     default["objective"] = best = objective(fp_logits, q_logits, m).item()
     candidates = torch.linspace(1.0, 0.5, grid, dtype=w.dtype)
     for _ in range(rounds):
         for e in range(n):
-            rows = fake_quant(w[e].expand(grid, -1), quant.router_wbits, quant.w_sym, candidates[:, None])
+            rows = fake_quant(w[e].expand(grid, -1), quant.router_wbits, quant.w_sym, candidates[:, None],
+                              quant.weight_with_zero)
             trials = q_logits.expand(grid, -1, -1).clone()
             trials[:, :, e] = (x_q @ rows.T).T
             scores = objective(fp_logits, trials, m)
@@ -69,7 +70,7 @@ def align_router(weight: torch.Tensor, x: torch.Tensor, quant: QuantConfig, top_
                 best, q_logits, ratios[e], w_q[e] = scores[j].item(), trials[j], candidates[j], rows[j]
     aligned = routing_metrics(fp_logits, q_logits, top_k)
     aligned["objective"] = best
-    quantized = quantize_with_grid(w, quant.router_wbits, quant.w_sym, ratios)  # row by row what w_q holds
+    quantized = quantize_with_grid(w, quant.router_wbits, quant.w_sym, ratios, quant.weight_with_zero)  # = w_q, row by row
     quantized.weight = quantized.weight.to(weight.dtype)
     return quantized, ratios.squeeze(1), {"default": default, "aligned": aligned, "kl_experts": m}
 

@@ -7,13 +7,14 @@ import torch
 
 import main
 from duquant import packed
-from duquant.config import CHOICES, DuQuantConfig, QuantConfig
+from duquant.config import CHOICES, QUANT_CHOICES, DuQuantConfig, QuantConfig
+from duquant.kvquant import KVQuant
 from duquant.fp_stats import fp_site_absmax
 from duquant.pipeline import mean_sequence, quantize_model
-from duquant.quantizer import fake_quant, quant_params
+from duquant.quantizer import WeightQuantizer, fake_quant, quant_params
 from duquant.recipes import RECIPES
 from duquant.stats import collect, hooked_sites
-from duquant.transforms import Smooth, _greedy_rotation, _spreading_matrix, fit_rotations
+from duquant.transforms import Smooth, _givens_chain, _greedy_rotation, _spreading_matrix, fit_rotations
 from models import get_spec, resolve
 from models.experts import unfuse_experts
 from models.spec import decoder_layers
@@ -49,7 +50,7 @@ def test_official_recipe_at_16_bits_leaves_logits_unchanged(arch, dtype, tol):
     assert rel_err(out, ref) < tol
 
 
-@pytest.mark.parametrize("option, value", [(k, v[1]) for k, v in CHOICES.items() if k != "act_range"])
+@pytest.mark.parametrize("option, value", [(k, v[1]) for k, v in CHOICES.items() if k not in QUANT_CHOICES])
 def test_each_fidelity_choice_alone_is_exact(option, value):
     model, tok = outlier_model("mixtral")
     ref, out = _logits_before_after(model, tok, DuQuantConfig(**FAST, **{option: value}))
@@ -143,6 +144,30 @@ def test_minmax_activation_range_is_finer_on_a_positive_row():
     err_minmax = (fake_quant(x, 4, with_zero=False) - x).abs().max()
     err_zero = (fake_quant(x, 4) - x).abs().max()
     assert err_minmax < err_zero / 2
+
+
+def test_minmax_weight_range_is_finer_on_a_positive_row():
+    w = torch.linspace(2.0, 3.0, 64)[None].repeat(3, 1)
+    err = {z: (WeightQuantizer(4, with_zero=z)(w) - w).abs().max() for z in (True, False)}
+    assert err[False] < err[True] / 2
+
+
+@pytest.mark.parametrize("kind", ["uniform", "official"])
+def test_spreading_matrices_are_orthogonal_and_spread_coordinate_zero(kind):
+    g = _spreading_matrix(64, 3, kind)
+    torch.testing.assert_close(g @ g.T, torch.eye(64, dtype=g.dtype), rtol=0, atol=1e-12)
+    assert g[0, 0].abs().item() == pytest.approx(64 ** -0.5)
+    uniform = torch.allclose(g[0].abs(), torch.full((64,), 64 ** -0.5, dtype=g.dtype))
+    assert uniform == (kind == "uniform")
+    torch.testing.assert_close(_givens_chain(64)[0], torch.full((64,), 64 ** -0.5, dtype=torch.float64))
+
+
+def test_qk_clip_clips_queries_and_keys_but_never_values():
+    q, k, v = (torch.randn(1, 2, 8, 16, generator=gen(i)) for i in range(3))
+    _, _, v_out = KVQuant(4, 16, clip=0.9)(q, k, v)
+    q_out, _, _ = KVQuant(4, 16, clip=0.9)(q, k, v)
+    torch.testing.assert_close(v_out, fake_quant(v, 4, clip=1.0))
+    assert not torch.allclose(q_out, KVQuant(4, 16, clip=1.0)(q, k, v)[0])
 
 
 def test_minmax_activation_range_survives_save_and_load(tmp_path):
