@@ -34,7 +34,7 @@ from duquant.recipes import RECIPES, recipe_values
 from duquant.zeroshot import TASKS, check_tasks, evaluate_tasks
 from eaquant_ext.agq import affinity_weights
 from eaquant_ext.balance import balance_calibration
-from eaquant_ext.config import AGGREGATIONS, EAQuantConfig, MoEQuantConfig
+from eaquant_ext.config import AGGREGATIONS, ALIGN_RULES, EXPERT_ACTS, EAQuantConfig, MoEQuantConfig
 from eaquant_ext.ebss import ebss_calibration
 from eaquant_ext.router_align import router_quantizer
 from eaquant_ext.smoothing import moe_smoothing
@@ -53,7 +53,7 @@ log = logging.getLogger("main")
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="local path, hub id, or alias (demo-mixtral, demo-olmoe, demo-deepseek, mixtral, olmoe, deepseek-moe, qwen-moe, tiny-<arch>)")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="local path, hub id, or alias (demo-mixtral, demo-olmoe, demo-deepseek, demo-llama-s, demo-llama-m, mixtral, olmoe, deepseek-moe, qwen-moe, tiny-<arch>)")
     g.add_argument("--method", choices=METHODS, default="duquant", help="eaquant = duquant --eaquant")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (one decoder layer at a time lives there)")
     g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: float32 on CPU, bfloat16 on GPU")
@@ -111,6 +111,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "Options given explicitly override the recipe")
     for name, choices in CHOICES.items():
         g.add_argument(f"--{name}", choices=choices, default=choices[0], help=f"default {choices[0]}")
+    g.add_argument("--smooth_scale_floor", type=float, default=1e-2,
+                   help="smoothing scales below this are raised to it (published EAQuant code: 1e-5)")
     g.add_argument("--act_absmax_floor", type=float, default=0.0,
                    help="activation max clamped to at least this before smoothing (published code: 1e-5)")
     g = p.add_argument_group("eaquant (MoE models only; each defaults to off, --eaquant turns all three on)")
@@ -120,6 +122,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="the router's requirement joins the aggregate (paper: yes; the authors' script: no)")
     g.add_argument("--router_align", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--kl_top", type=int, default=0, help="R: KL over k + int((n-k)R/100) experts")
+    g.add_argument("--expert_act", choices=EXPERT_ACTS, default="moe_in",
+                   help="an expert's smoothing requirement from the MoE input's max (ours) or its routed tokens' (published code)")
+    g.add_argument("--align_rule", choices=ALIGN_RULES, default="ours",
+                   help="router alignment: per-row MSE+KL descent (ours) or one KL-only ratio for all rows (published code)")
     g.add_argument("--calib_balance", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--balance_ratio", type=float, default=2.0, help="r: threshold r*k*N/n routed tokens")
     g.add_argument("--balance_dataset", choices=CALIB_DATASETS, default="gutenberg", help="source of extra sequences")
@@ -144,7 +150,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.given = {a.split("=")[0] for a in argv if a.startswith("--")}
     given = {g[2:].removeprefix("no-") for g in args.given}
-    for key, value in recipe_values(args.recipe, given).items():
+    eaquant = args.eaquant or args.method == "eaquant" or any(
+        getattr(args, k) for k in ("smooth_aggregate", "router_align", "calib_balance"))
+    for key, value in recipe_values(args.recipe, given, eaquant).items():
         setattr(args, key, value)
     return args
 
@@ -155,6 +163,8 @@ def build_eaquant(args) -> EAQuantConfig:
     return EAQuantConfig(
         smooth_aggregate=args.smooth_aggregate or ("maximum" if paper else None),
         smooth_aggregate_router=args.smooth_aggregate_router,
+        expert_act=args.expert_act,
+        align_rule=args.align_rule,
         router_align=paper if args.router_align is None else args.router_align,
         kl_top=args.kl_top,
         calib_balance=paper if args.calib_balance is None else args.calib_balance,
@@ -186,8 +196,10 @@ def build_moequant(args) -> tuple[MoEQuantConfig, GPTQConfig | None]:
 
 def extensions(ea: EAQuantConfig, mq: MoEQuantConfig | None = None) -> Extensions:
     return Extensions(
-        moe_smoothing=moe_smoothing(ea.smooth_aggregate, ea.smooth_aggregate_router) if ea.smooth_aggregate else None,
-        quantize_router=router_quantizer(ea.kl_top, ea.align_grid, ea.align_rounds) if ea.router_align else None,
+        moe_smoothing=moe_smoothing(ea.smooth_aggregate, ea.smooth_aggregate_router, ea.expert_act)
+        if ea.smooth_aggregate else None,
+        quantize_router=router_quantizer(ea.kl_top, ea.align_grid, ea.align_rounds, ea.align_rule)
+        if ea.router_align else None,
         hessian_weights=affinity_weights(mq.agq_gate, mq.agq_c) if mq is not None and mq.agq else None,
     )
 
@@ -227,9 +239,9 @@ def build_configs(args) -> tuple[QuantConfig, DuQuantConfig]:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit {args.limit} must be >= 1")
     quant = QuantConfig(args.wbits, args.abits, args.kv_bits, args.router_wbits, args.router_abits,
-                        args.w_sym, args.a_sym, args.swc, args.lac, args.w_clip, args.act_range, args.weight_range,
-                        args.qk_clip)
-    fidelity = {k: getattr(args, k) for k in (*CHOICES, "act_absmax_floor") if k not in QUANT_CHOICES}
+                        args.w_sym, args.a_sym, args.swc, args.lac, args.w_clip,
+                        **{k: getattr(args, k) for k in QUANT_CHOICES})
+    fidelity = {k: getattr(args, k) for k in (*CHOICES, "act_absmax_floor", "smooth_scale_floor") if k not in QUANT_CHOICES}
     duq = DuQuantConfig(args.smooth, args.rotate, args.permute, args.alpha, args.block_size,
                         args.max_rotation_step, args.permutation_times, args.rotation, args.rotation_tokens,
                         **fidelity)

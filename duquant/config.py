@@ -19,17 +19,19 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "act_range": ("with_zero", "minmax"),
     "smooth_weight": ("all_readers", "one_reader"),
     "smooth_stats": ("quantized", "fp"),
-    "o_smooth": ("online", "fold_v"),
-    "rotation_data": ("sample", "mean"),
+    "o_smooth": ("online", "fold_v", "fold_v_or_none"),
+    "rotation_data": ("sample", "mean", "layer_mean"),
+    "propagation": ("quantized", "fp"),
     "rotation_seed": ("fixed", "redraw"),
     "rotation_stop": ("absmax", "range"),
     "spreading": ("uniform", "official"),
     "weight_range": ("with_zero", "minmax"),
     "qk_clip": ("none", "lac"),
+    "mse_grid": ("coarse", "official"),
 }
 
 
-QUANT_CHOICES = ("act_range", "weight_range", "qk_clip")  # the CHOICES that QuantConfig holds; DuQuantConfig the rest
+QUANT_CHOICES = ("act_range", "weight_range", "qk_clip", "mse_grid")  # the CHOICES that QuantConfig holds; DuQuantConfig the rest
 
 
 def check_choice(name: str, value: str) -> None:
@@ -59,6 +61,7 @@ class QuantConfig:
     act_range: str = "with_zero"  # or "minmax": a token's range need not contain 0 (published code)
     weight_range: str = "with_zero"  # or "minmax": the same for a weight row
     qk_clip: str = "none"  # or "lac": Q and K (KV quantization) clipped by lac too (published code); V never
+    mse_grid: str = "coarse"  # --w_clip mse: 20 ratios 1.0 -> 0.35, or the published EAQuant's 101 ratios 0.35 -> 1.0
 
     def __post_init__(self):
         if self.kv_bits is None:
@@ -104,8 +107,10 @@ class DuQuantConfig:
     smooth_weight: str = "all_readers"  # max |W| per input channel over every reader of a site, or one reader
     smooth_stats: str = "quantized"  # activation max from inputs through the quantized layers, or the FP model
     act_absmax_floor: float = 0.0  # activation max clamped to at least this before smoothing (published: 1e-5)
-    o_smooth: str = "online"  # o-in smoothing applied online, or folded into v_proj rows where shapes allow
-    rotation_data: str = "sample"  # rotations fit on sampled rows, or on the mean calibration sequence
+    smooth_scale_floor: float = 1e-2  # smoothing scales below this are raised to it (published EAQuant: 1e-5)
+    o_smooth: str = "online"  # o-in smoothing online, folded into v_proj rows where shapes allow (else online / none)
+    rotation_data: str = "sample"  # sampled rows, the mean calibration sequence propagated, or each layer's mean input
+    propagation: str = "quantized"  # next layer's calibration inputs: this layer's quantized or FP outputs
     rotation_seed: str = "fixed"  # one spreading matrix per layer, or a new one per rotation fit
     rotation_stop: str = "absmax"  # greedy search keeps the prefix with the least max |x|, or max - min
     spreading: str = "uniform"  # spreading matrix: first row 1/sqrt(b), or the published code's matrix
@@ -121,6 +126,8 @@ class DuQuantConfig:
             raise ConfigError("--permutation_times and --max_rotation_step must be >= 1")
         if self.act_absmax_floor < 0:
             raise ConfigError(f"--act_absmax_floor {self.act_absmax_floor} must be >= 0")
+        if not 0 < self.smooth_scale_floor <= 1:
+            raise ConfigError(f"--smooth_scale_floor {self.smooth_scale_floor} must be in (0, 1]")
         for name in CHOICES:
             if name not in QUANT_CHOICES:
                 check_choice(name, getattr(self, name))

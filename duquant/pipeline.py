@@ -89,7 +89,7 @@ def smoothing_readers(cfg: DuQuantConfig, readers: list[nn.Module], named: nn.Mo
 
 def site_smoothing(x_absmax: torch.Tensor, readers: list[nn.Module], cfg: DuQuantConfig) -> torch.Tensor:
     """The smoothing vector s of one site from its activation max and its readers' weights."""
-    return fit_smooth(x_absmax, weight_absmax(readers), cfg.alpha, cfg.act_absmax_floor).scale
+    return fit_smooth(x_absmax, weight_absmax(readers), cfg.alpha, cfg.act_absmax_floor, cfg.smooth_scale_floor).scale
 
 
 def default_moe_smoothing(view: LayerView, stats: LayerStats, cfg: DuQuantConfig) -> torch.Tensor:
@@ -128,7 +128,8 @@ class LayerQuantizer:
         # on a GPU) run where the layer runs.
         self.device = torch.device(device)
         self.profile = profile  # record per-channel max |x| before/after the transforms (plots)
-        self.w_quant = WeightQuantizer(quant.wbits, quant.w_sym, quant.swc, quant.w_clip, quant.weight_with_zero)
+        self.w_quant = WeightQuantizer(quant.wbits, quant.w_sym, quant.swc, quant.w_clip, quant.weight_with_zero,
+                                       quant.mse_grid)
         self.sites_fitted = 0  # rotation sites fitted so far in this layer (numbers the redrawn seeds)
         # defer=True (GPTQ): QLinears keep their transformed FP weight; (QLinear, quantizer) pairs
         # are listed here and rounded by `gptq_layer` once their Hessians are known.
@@ -226,8 +227,12 @@ class LayerQuantizer:
 
     def o_site(self, view: LayerView, o_stats) -> nn.Module | None:
         """o-in: smoothing folded into v_proj's rows where each o_proj input channel is one v_proj
-        output channel (`o_smooth="fold_v"`, multi-head attention), else applied online."""
-        if not (self.cfg.smooth and self.cfg.o_smooth == "fold_v" and foldable_into_v(view)):
+        output channel (`o_smooth="fold_v"` or `"fold_v_or_none"`, multi-head attention), else applied
+        online (`"online"`, `"fold_v"`) or not at all (`"fold_v_or_none"`, the published EAQuant code)."""
+        fold = self.cfg.o_smooth != "online" and foldable_into_v(view)
+        if not (self.cfg.smooth and fold):
+            if self.cfg.o_smooth == "fold_v_or_none":
+                return self.rotations(o_stats.sample)
             return self.online_site(view.attn_out, o_stats)
         s = site_smoothing(o_stats.absmax, [view.attn_out], self.cfg)
         fold_into_v(view.attn_value, view.attn_out, s)
@@ -308,11 +313,11 @@ def quantize_layer(view: LayerView, stats: LayerStats, lq: LayerQuantizer) -> tu
         quantized, info["router_align"] = lq.ext.quantize_router(view, router_w_t, x_t, q)
         lq.wrap(view.mlp, _last(view, view.router), t_shared, bits=q.router_abits, quantized=quantized)
     else:
-        router_wq = WeightQuantizer(q.router_wbits, q.w_sym, q.swc, q.w_clip, q.weight_with_zero)
+        router_wq = WeightQuantizer(q.router_wbits, q.w_sym, q.swc, q.w_clip, q.weight_with_zero, q.mse_grid)
         lq.wrap(view.mlp, _last(view, view.router), t_shared, bits=q.router_abits, w_quant=router_wq)
     if view.shared_gate is not None:
         lq.wrap(view.mlp, _last(view, view.shared_gate), t_shared, bits=q.router_abits,
-                w_quant=WeightQuantizer(q.router_wbits, q.w_sym, q.swc, q.w_clip, q.weight_with_zero))
+                w_quant=WeightQuantizer(q.router_wbits, q.w_sym, q.swc, q.w_clip, q.weight_with_zero, q.mse_grid))
     for sh in view.shared:
         lq.mlp(sh, t_shared, stats[sh.down_proj])
 
@@ -526,6 +531,14 @@ def calibration(model, spec: ModelSpec, calib_ids: torch.Tensor, extra_ids: torc
     return Calibration(inps, kwargs, extra, rot, fp_absmax)
 
 
+def rotation_sequence(data: Calibration, cfg: DuQuantConfig) -> list[torch.Tensor]:
+    """The sequence(s) this layer's rotations are fit on: the propagated mean sequence ("mean"), the
+    mean of this layer's calibration inputs ("layer_mean", the published EAQuant code), or none."""
+    if cfg.rotation_data == "layer_mean" and (cfg.rotate or cfg.permute):
+        return [mean_sequence(data.inps)]
+    return data.rot
+
+
 def layer_statistics(model, spec: ModelSpec, layer: nn.Module, view: LayerView, data: Calibration,
                      cfg: DuQuantConfig, seed: int, route_all: bool) -> tuple[LayerStats, dict]:
     """Hooked FP pass of one layer over the calibration inputs (and the expert-only extra data);
@@ -544,11 +557,21 @@ def layer_statistics(model, spec: ModelSpec, layer: nn.Module, view: LayerView, 
         info["expert_tokens_balanced"] = [stats[e.gate_proj].count for e in view.experts]
     if data.fp_absmax is not None:
         replace_absmax(stats, layer, data.fp_absmax[view.index])
-    if data.rot:
-        with collect(hooked_sites(view), None, 0, data.rot[0].shape[1], seed) as rows, routing():
-            observe(layer, data.rot, data.kwargs)
+    rot = rotation_sequence(data, cfg)
+    if rot:
+        with collect(hooked_sites(view), None, 0, rot[0].shape[1], seed) as rows, routing():
+            observe(layer, rot, data.kwargs)
         take_rotation_rows(stats, rows)
     return stats, info
+
+
+def fp_outputs(layer: nn.Module, data: Calibration, cfg: DuQuantConfig) -> tuple[list, list] | None:
+    """With `propagation="fp"` (the published EAQuant code), the next layer calibrates on this
+    layer's FP outputs: computed before the layer is quantized, on copies of its inputs."""
+    if cfg.propagation != "fp":
+        return None
+    inps = advance(layer, [x.clone() for x in data.inps], data.kwargs)
+    return inps, advance(layer, [x.clone() for x in data.extra], data.kwargs)
 
 
 @torch.no_grad()
@@ -589,6 +612,7 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: Quant
             t = time.time()
             stats, info = layer_statistics(model, spec, layer, view, data, cfg, seed + i, route_all)
             info = {"layer": i, "moe": view.is_moe, **info}
+            fp_next = fp_outputs(layer, data, cfg)
             stats_time += time.time() - t
             t = time.time()
             lq = LayerQuantizer(quant, cfg, ext, seed + i, defer=gptq is not None, profile=i == profile_layer,
@@ -613,11 +637,16 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor, quant: Quant
                 agreement = RoutingAgreement(fp_router, view.top_k)
                 handle = view.mlp.get_submodule(spec.router).register_forward_hook(agreement)
             t = time.time()
-            data.inps = advance(layer, data.inps, data.kwargs)
+            if fp_next is None:
+                data.inps = advance(layer, data.inps, data.kwargs)
+                data.extra = advance(layer, data.extra, data.kwargs)
+            else:
+                if view.is_moe:
+                    observe(layer, data.inps, data.kwargs)  # the routing agreement's pass
+                data.inps, data.extra = fp_next
             if view.is_moe:
                 handle.remove()
                 info.update(agreement.summary())
-            data.extra = advance(layer, data.extra, data.kwargs)
             data.rot = advance(layer, data.rot, data.kwargs)
             stats_time += time.time() - t
             report.layers.append(info)

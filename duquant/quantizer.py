@@ -83,19 +83,22 @@ def fake_quant(x: torch.Tensor, bits: int, sym: bool = False, clip: float | torc
 
 
 def mse_clip_search(
-    w: torch.Tensor, bits: int, sym: bool = False, grid: int = 20, min_ratio: float = 0.35, with_zero: bool = True
+    w: torch.Tensor, bits: int, sym: bool = False, grid: int = 20, min_ratio: float = 0.35, with_zero: bool = True,
+    ascending: bool = False,
 ) -> torch.Tensor:
     """Per-row clip ratio in [min_ratio, 1] with the smallest squared reconstruction error, [..., 1].
 
     Errors are measured on `fake_quant`'s own output (in w's dtype), so the chosen ratio is
     optimal for the arithmetic that is actually applied. The grid starts at 1.0 and only a
-    strict improvement replaces the incumbent, so no row ends up worse than plain min/max.
+    strict improvement replaces the incumbent, so no row ends up worse than plain min/max;
+    `ascending` scans from min_ratio up instead (the published EAQuant code: ties keep the
+    smaller ratio).
     """
     work = _work_dtype(w)
     w_ref = w.to(work)
     best_err = torch.full((*w.shape[:-1], 1), float("inf"), dtype=work, device=w.device)
     best_ratio = torch.ones_like(best_err)
-    for ratio in torch.linspace(1.0, min_ratio, grid).tolist():
+    for ratio in torch.linspace(min_ratio, 1.0, grid).tolist() if ascending else torch.linspace(1.0, min_ratio, grid).tolist():
         err = (fake_quant(w, bits, sym, ratio, with_zero).to(work) - w_ref).pow(2).sum(-1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -177,6 +180,7 @@ class WeightQuantizer:
     clip_ratio: float = 1.0
     clip: str = "minmax"
     with_zero: bool = True
+    mse_grid: str = "coarse"  # "coarse": 20 ratios from 1.0 down; "official": 101 ratios from 0.35 up
 
     def __post_init__(self):
         check_bits(self.bits)
@@ -185,7 +189,8 @@ class WeightQuantizer:
 
     def _ratio(self, w: torch.Tensor) -> float | torch.Tensor:
         if self.clip == "mse":
-            return mse_clip_search(w, self.bits, self.sym, with_zero=self.with_zero)
+            fine = self.mse_grid == "official"
+            return mse_clip_search(w, self.bits, self.sym, 101 if fine else 20, with_zero=self.with_zero, ascending=fine)
         return self.clip_ratio
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:

@@ -139,17 +139,18 @@ class Compose(nn.Module):
 # ----------------------------------------------------------------------------- fitting
 
 
-def fit_smooth(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float = 0.6, act_floor: float = 0.0) -> Smooth:
+def fit_smooth(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float = 0.6, act_floor: float = 0.0,
+               scale_floor: float = 1e-2) -> Smooth:
     """s = act^alpha / w^(1-alpha): moves part of the activation range into the weights.
 
     Activation maxima are clamped to >= `act_floor` (the published code uses 1e-5) and weight
-    maxima to >= 1e-5 so a dead weight column cannot divide by zero; scales below 1e-2 are
-    raised to 1e-2 (DuQuant's rule) so a dead activation channel (max 0) does not become an
+    maxima to >= 1e-5 so a dead weight column cannot divide by zero; scales below `scale_floor`
+    (DuQuant's 1e-2) are raised to it so a dead activation channel (max 0) does not become an
     enormous weight column.
     """
     a = act_absmax.double().clamp(min=act_floor)
     w = w_absmax.double().clamp(min=1e-5)
-    s = (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-2)
+    s = (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=scale_floor)
     return Smooth(s.to(act_absmax.dtype))
 
 

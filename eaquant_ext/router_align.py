@@ -75,10 +75,43 @@ def align_router(weight: torch.Tensor, x: torch.Tensor, quant: QuantConfig, top_
     return quantized, ratios.squeeze(1), {"default": default, "aligned": aligned, "kl_experts": m}
 
 
-def router_quantizer(kl_top: int, grid: int, rounds: int):
-    """The `Extensions.quantize_router` hook: (view, weight_t, x_t, quant) -> (QuantizedWeight, info)."""
+def align_router_official(weight: torch.Tensor, x: torch.Tensor, quant: QuantConfig, top_k: int,
+                          kl_top: int) -> tuple[QuantizedWeight, torch.Tensor, dict]:
+    """The published EAQuant rule: one clip ratio for every row, the first of 101 ratios 0.35 -> 1.0
+    with the least KL between the full-softmax probabilities of the FP-weight logits at their top m
+    experts (not renormalised) and the quantized-weight log-probabilities there, both logits computed
+    from the quantized activation. Same return values as `align_router`."""
+    w, x = weight.double(), x.double()
+    m = experts_in_kl(top_k, w.shape[0], kl_top)
+    x_q = fake_quant(x, quant.router_abits, quant.a_sym, quant.lac, quant.act_with_zero)
+    ref_logits = x_q @ w.T
+    top = ref_logits.topk(m, dim=-1).indices
+    ref = ref_logits.softmax(-1).gather(-1, top)
+    best, best_ratio = float("inf"), 1.0
+    for ratio in (0.35 + i * 0.65 / 100 for i in range(101)):
+        w_q = fake_quant(w, quant.router_wbits, quant.w_sym, ratio, quant.weight_with_zero)
+        log_q = (x_q @ w_q.T).log_softmax(-1).gather(-1, top)
+        score = (torch.xlogy(ref, ref) - ref * log_q).sum(-1).mean().item()
+        if score < best:
+            best, best_ratio = score, ratio
+    ratios = torch.full((w.shape[0], 1), best_ratio, dtype=w.dtype)
+    fp_logits = x @ w.T
+    default = routing_metrics(fp_logits, x_q @ fake_quant(w, quant.router_wbits, quant.w_sym, quant.swc,
+                                                           quant.weight_with_zero).T, top_k)
+    quantized = quantize_with_grid(w, quant.router_wbits, quant.w_sym, ratios, quant.weight_with_zero)
+    aligned = {**routing_metrics(fp_logits, x_q @ quantized.weight.T, top_k), "objective": best}
+    quantized.weight = quantized.weight.to(weight.dtype)
+    return quantized, ratios.squeeze(1), {"default": default, "aligned": aligned, "kl_experts": m}
+
+
+def router_quantizer(kl_top: int, grid: int, rounds: int, rule: str = "ours"):
+    """The `Extensions.quantize_router` hook: (view, weight_t, x_t, quant) -> (QuantizedWeight, info);
+    `rule` "ours" (`align_router`) or "official" (`align_router_official`)."""
     def hook(view: LayerView, weight_t: torch.Tensor, x_t: torch.Tensor, quant: QuantConfig):
-        quantized, ratios, info = align_router(weight_t, x_t, quant, view.top_k, kl_top, grid, rounds)
+        if rule == "official":
+            quantized, ratios, info = align_router_official(weight_t, x_t, quant, view.top_k, kl_top)
+        else:
+            quantized, ratios, info = align_router(weight_t, x_t, quant, view.top_k, kl_top, grid, rounds)
         info["clip_ratios"] = ratios.tolist()
         return quantized, info
     return hook

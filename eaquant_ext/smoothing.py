@@ -25,15 +25,26 @@ def requirement(act_absmax: torch.Tensor, readers: list, cfg: DuQuantConfig) -> 
     return site_smoothing(act_absmax, readers, cfg).double()
 
 
-def expert_requirements(view: LayerView, act_absmax: torch.Tensor, cfg: DuQuantConfig) -> torch.Tensor:
-    """[n_experts, C]: each expert's own smoothing vector for the shared MoE input."""
-    return torch.stack([requirement(act_absmax, smoothing_readers(cfg, e.in_projs, e.up_proj), cfg)
-                        for e in view.experts])
+def expert_requirements(view: LayerView, act_absmax: list[torch.Tensor], cfg: DuQuantConfig) -> torch.Tensor:
+    """[n_experts, C]: each expert's own smoothing vector for the shared MoE input, from its act max."""
+    return torch.stack([requirement(x, smoothing_readers(cfg, e.in_projs, e.up_proj), cfg)
+                        for e, x in zip(view.experts, act_absmax)])
 
 
-def aggregate(view: LayerView, stats: LayerStats, cfg: DuQuantConfig, rule: str, include_router: bool) -> torch.Tensor:
+def expert_act_absmax(view: LayerView, stats: LayerStats, expert_act: str) -> list[torch.Tensor]:
+    """Per expert, the act max its requirement uses: the MoE input's over all tokens ("moe_in"), or
+    over the tokens routed to it ("routed"; an expert no token reached falls back to "moe_in",
+    where the published code stops with a missing-key error)."""
     x = stats[view.router].absmax
-    per_expert = expert_requirements(view, x, cfg)
+    if expert_act == "moe_in":
+        return [x] * len(view.experts)
+    return [x if stats[e.gate_proj].absmax is None else stats[e.gate_proj].absmax for e in view.experts]
+
+
+def aggregate(view: LayerView, stats: LayerStats, cfg: DuQuantConfig, rule: str, include_router: bool,
+              expert_act: str = "moe_in") -> torch.Tensor:
+    x = stats[view.router].absmax
+    per_expert = expert_requirements(view, expert_act_absmax(view, stats, expert_act), cfg)
     if rule == "maximum":
         s = per_expert.amax(0)
     else:
@@ -51,6 +62,6 @@ def aggregate(view: LayerView, stats: LayerStats, cfg: DuQuantConfig, rule: str,
     return s.float()
 
 
-def moe_smoothing(rule: str, include_router: bool):
+def moe_smoothing(rule: str, include_router: bool, expert_act: str = "moe_in"):
     """The `Extensions.moe_smoothing` hook, (view, stats, cfg) -> s, for one aggregation rule."""
-    return partial(aggregate, rule=rule, include_router=include_router)
+    return partial(aggregate, rule=rule, include_router=include_router, expert_act=expert_act)

@@ -61,7 +61,7 @@ def test_maximum_rule_covers_every_expert_and_the_router(arch):
     x = stats[view.router].absmax
     cfg = DuQuantConfig(alpha=0.6)
     s = aggregate(view, stats, cfg, "maximum", include_router=True).double()
-    assert torch.all(s[None] >= expert_requirements(view, x, cfg) - 1e-6)
+    assert torch.all(s[None] >= expert_requirements(view, [x] * view.num_experts, cfg) - 1e-6)
     assert torch.all(s >= requirement(x, [view.router], cfg) - 1e-6)
     for sh in view.shared:
         assert torch.all(s >= requirement(x, sh.in_projs, cfg) - 1e-6)

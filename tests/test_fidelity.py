@@ -28,7 +28,7 @@ FAST = dict(block_size=32, max_rotation_step=16)
 
 
 def official(**overrides) -> DuQuantConfig:
-    values = {k: v for k, v in RECIPES["official"].items() if k in {f.name for f in dataclasses.fields(DuQuantConfig)}}
+    values = {k: v for k, v in RECIPES["official"][0].items() if k in {f.name for f in dataclasses.fields(DuQuantConfig)}}
     return DuQuantConfig(**{**values, **FAST, **overrides})
 
 
@@ -50,7 +50,7 @@ def test_official_recipe_at_16_bits_leaves_logits_unchanged(arch, dtype, tol):
     assert rel_err(out, ref) < tol
 
 
-@pytest.mark.parametrize("option, value", [(k, v[1]) for k, v in CHOICES.items() if k not in QUANT_CHOICES])
+@pytest.mark.parametrize("option, value", [(k, v) for k, vs in CHOICES.items() if k not in QUANT_CHOICES for v in vs[1:]])
 def test_each_fidelity_choice_alone_is_exact(option, value):
     model, tok = outlier_model("mixtral")
     ref, out = _logits_before_after(model, tok, DuQuantConfig(**FAST, **{option: value}))
@@ -107,6 +107,59 @@ def test_fp_statistics_change_smoothing_only_after_the_first_layer():
         norms[stats_rule] = [layer.input_layernorm.weight.clone() for layer in model.model.layers]
     assert torch.equal(norms["fp"][0], norms["quantized"][0])
     assert not torch.equal(norms["fp"][1], norms["quantized"][1])
+
+
+def test_fp_propagation_calibrates_every_layer_on_fp_inputs():
+    """With FP propagation, the statistics each layer sees are the FP model's: the same smoothing as
+    reading FP statistics on quantized-propagated inputs."""
+    norms = []
+    for cfg in (dict(propagation="fp"), dict(smooth_stats="fp")):
+        model, tok = outlier_model("llama")
+        calib, _ = tiny_data(tok)
+        quantize_model(model, get_spec(model), calib, QuantConfig(4, 4), DuQuantConfig(**FAST, **cfg))
+        norms.append([layer.post_attention_layernorm.weight.clone() for layer in model.model.layers])
+    for a, b in zip(*norms):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+
+
+def test_official_eaquant_recipe_at_16_bits_leaves_logits_unchanged():
+    model, tok = outlier_model("qwen2_moe")
+    args = main.parse_args(["--recipe", "official", "--eaquant", "--max_rotation_step", "16", "--block_size", "32"])
+    cfg = official(**{k: getattr(args, k) for k in ("smooth_weight", "smooth_scale_floor", "o_smooth",
+                                                     "rotation_data", "propagation")})
+    calib, x = tiny_data(tok)
+    with torch.no_grad():
+        ref = model(x).logits
+    ea = main.build_eaquant(args)
+    quantize_model(model, get_spec(model), calib, FP, cfg, main.extensions(ea), seed=0)
+    with torch.no_grad():
+        assert rel_err(model(x).logits, ref) < 1e-4
+
+
+def test_official_router_alignment_uses_one_ratio_for_all_rows():
+    from eaquant_ext.router_align import align_router_official
+    w = torch.randn(8, 64, generator=gen(1), dtype=torch.float64)
+    x = torch.randn(256, 64, generator=gen(2), dtype=torch.float64)
+    x[:, 5] *= 20
+    _, ratios, info = align_router_official(w, x, QuantConfig(4, 4, router_wbits=4, router_abits=8), 2, 0)
+    assert ratios.unique().numel() == 1 and 0.35 <= ratios[0].item() <= 1.0
+    assert info["kl_experts"] == 2
+
+
+def test_routed_expert_act_uses_each_experts_own_tokens():
+    from eaquant_ext.smoothing import expert_act_absmax
+    model, tok = outlier_model("mixtral")
+    spec = get_spec(model)
+    unfuse_experts(model, spec)
+    view = resolve(spec, decoder_layers(model, spec)[0], model.config, 0)
+    calib, _ = tiny_data(tok)
+    with collect([view.router] + [e.gate_proj for e in view.experts], view.router, view.num_experts, 16, 0) as stats, \
+            torch.no_grad():
+        model(calib)
+    routed = expert_act_absmax(view, stats, "routed")
+    assert all(torch.all(r <= stats[view.router].absmax + 1e-6) for r in routed)
+    assert any(not torch.equal(r, stats[view.router].absmax) for r in routed)
+    assert all(torch.equal(r, stats[view.router].absmax) for r in expert_act_absmax(view, stats, "moe_in"))
 
 
 def test_mean_sequence_is_the_elementwise_mean():
@@ -188,6 +241,10 @@ def test_recipe_fills_unset_options_and_explicit_options_win():
     assert args.smooth_stats == "fp" and args.rotation_data == "mean" and args.act_range == "minmax"
     assert args.rotation == "paper" and args.smooth is False
     assert main.parse_args([]).smooth_stats == "quantized"
-    for name, recipe in RECIPES.items():
+    for name, (duquant, eaquant) in RECIPES.items():
         parsed = main.parse_args(["--recipe", name])
-        assert all(getattr(parsed, k) == v for k, v in recipe.items())
+        assert all(getattr(parsed, k) == v for k, v in duquant.items())
+        parsed = main.parse_args(["--recipe", name, "--method", "eaquant"])
+        assert all(getattr(parsed, k) == v for k, v in eaquant.items())
+    eaquant = main.parse_args(["--recipe", "official", "--eaquant"])
+    assert eaquant.propagation == "fp" and eaquant.align_rule == "official" and eaquant.smooth_weight == "all_readers"
