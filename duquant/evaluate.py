@@ -37,19 +37,19 @@ class FinalStates:
     def __init__(self, path: Path):
         self.path = path
         self.head_digest: str | None = None
-        self.windows = 0
+        self.count = 0  # windows written
 
     def write(self, model, spec: ModelSpec, hidden: list[torch.Tensor]) -> None:
         self.head_digest = head_digest(model, spec)
         with open(self.path, "wb") as f:
             for w in windows(hidden):
                 _as_bytes(w).tofile(f)
-                self.windows += 1
+                self.count += 1
 
     def check(self, model, spec: ModelSpec, like: torch.Tensor, n_windows: int) -> None:
         """Before a comparison: the same set (size) and the same head, or the figures would be wrong."""
         expected = n_windows * like.numel() * like.element_size()
-        if self.head_digest is None or self.path.stat().st_size != expected or self.windows != n_windows:
+        if self.head_digest is None or self.path.stat().st_size != expected or self.count != n_windows:
             raise RuntimeError(f"{self.path} does not hold this set's FP states ({n_windows} windows of {tuple(like.shape)})")
         if head_digest(model, spec) != self.head_digest:
             raise RuntimeError("the final norm or LM head changed since the FP pass; KL to FP cannot be recomputed from "

@@ -4,6 +4,7 @@ import json
 import weakref
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -45,6 +46,21 @@ def test_quantized_run_records_kl_and_fp_runs_record_none(tmp_path, capsys):
     for argv in (["--method", "fp"], ["--method", "rtn", "--no-compare_fp"]):
         res, out = _main(tmp_path / argv[1], capsys, *argv, "--eval_ppl", "wikitext2")
         assert res["kl_fp"] == {} and "KL to FP" not in out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stored_states_reproduce_the_fp_logits_bit_for_bit(tmp_path, dtype):
+    model, tok = tiny_model("mixtral", dtype=dtype)
+    spec, seg = get_spec(model), ppl_segments("wikitext2", tok, 64, 3)
+    states = FPStates(tmp_path, ["wikitext2"])
+    fp_ppl = perplexity(model, spec, seg, batch_size=2, keep=states.sets["wikitext2"])
+    ppl, kl = divergence_from_fp(model, spec, seg, states.sets["wikitext2"], batch_size=2)
+    assert ppl == fp_ppl and kl["mean"] == 0.0 and kl["p99"] == 0.0 and kl["top1_agreement"] == 1.0
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1
+    with pytest.raises(RuntimeError, match="LM head changed"):
+        divergence_from_fp(model, spec, seg, states.sets["wikitext2"], batch_size=2)
+    states.close()
 
 
 def _direct_kl(fp_logits: torch.Tensor, q_logits: torch.Tensor):
