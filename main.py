@@ -12,25 +12,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import platform
 import random
+import re
 import resource
 import shutil
+import signal
 import sys
+import tempfile
 import time
-from dataclasses import asdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from duquant.config import CHOICES, QUANT_CHOICES, ConfigError, DuQuantConfig, GPTQConfig, QuantConfig
+from duquant import export
+from duquant.config import CHOICES, QUANT_CHOICES, ConfigError, DuQuantConfig, GPTQConfig, QuantConfig, check_bits
 from duquant.data import CALIB_DATASETS, PPL_DATASETS, DataError, calibration_segments, ppl_segments
 from duquant.diagnostics import plot_run, summarize
 from duquant.evaluate import FPStates, divergence_from_fp, perplexity
 from duquant.packed import QuantizedLoadError, check_save_dir, load_quantized, save_quantized
 from duquant.pipeline import Extensions, quantize_model
 from duquant.recipes import RECIPES, recipe_values
+from duquant.resume import check_readable, finished_layers
 from duquant.zeroshot import TASKS, check_tasks, evaluate_tasks
 from eaquant_ext.agq import affinity_weights
 from eaquant_ext.balance import balance_calibration
@@ -38,8 +45,8 @@ from eaquant_ext.config import AGGREGATIONS, ALIGN_RULES, EXPERT_ACTS, EAQuantCo
 from eaquant_ext.ebss import ebss_calibration
 from eaquant_ext.router_align import router_quantizer
 from eaquant_ext.smoothing import moe_smoothing
-from models import DEFAULT_MODEL, ModelLoadError, get_spec, load_model
-from models.files import write_file_atomically
+from models import DEFAULT_MODEL, ModelLoadError, get_spec, load_model, resolve_model_name
+from models.files import PathError, check_output_dir, describe, remove_stale_temporaries, write_file_atomically
 
 METHODS = ("fp", "rtn", "duquant", "eaquant")
 # `python main.py` with no arguments: sizes chosen to finish in minutes on 2 CPU cores.
@@ -51,7 +58,9 @@ log = logging.getLogger("main")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # No abbreviations: `args.given` must name every option as the user spelled it.
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     g = p.add_argument_group("run")
     g.add_argument("--model", default=DEFAULT_MODEL, help="local path, hub id, or alias (demo-mixtral, demo-olmoe, demo-deepseek, demo-llama-s, demo-llama-m, mixtral, olmoe, deepseek-moe, qwen-moe, tiny-<arch>)")
     g.add_argument("--method", choices=METHODS, default="duquant", help="eaquant = duquant --eaquant")
@@ -70,6 +79,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="with --stream, where quantized layers are kept between passes (default: a temporary directory)")
     g.add_argument("--load", type=Path, default=None,
                    help="evaluate a model saved with --save_dir instead of quantizing (no recalibration)")
+    g.add_argument("--export", nargs=2, metavar=("FORMAT", "DIR"), default=None,
+                   help="also write the quantized (or --load-ed) model as a checkpoint that plain transformers loads; "
+                        "FORMAT: compressed-tensors (docs/export.md)")
     g = p.add_argument_group("data")
     g.add_argument("--calib_dataset", choices=(*CALIB_DATASETS, "ebss"), default="c4",
                    help="c4 train (WikiText-2 train is not bundled), gutenberg, or ebss (MoEQuant's self-sampled set; MoE only)")
@@ -228,16 +240,10 @@ def _base_method_name(args, ea: EAQuantConfig) -> str:
 
 
 def build_configs(args) -> tuple[QuantConfig, DuQuantConfig]:
-    if args.seqlen < 16:
-        raise ConfigError(f"--seqlen {args.seqlen} is too short; use at least 16")
-    if args.nsamples < 1:
-        raise ConfigError(f"--nsamples {args.nsamples} must be >= 1")
     for name in args.eval_ppl_list:
         if name not in PPL_DATASETS:
             raise ConfigError(f"--eval_ppl {name!r} is unknown; choose from {', '.join(PPL_DATASETS)}")
     args.tasks_list = check_tasks(args.tasks_list)
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit {args.limit} must be >= 1")
     quant = QuantConfig(args.wbits, args.abits, args.kv_bits, args.router_wbits, args.router_abits,
                         args.w_sym, args.a_sym, args.swc, args.lac, args.w_clip,
                         **{k: getattr(args, k) for k in QUANT_CHOICES})
@@ -304,22 +310,117 @@ def peak_memory_mb(device: torch.device) -> dict:
     return out
 
 
-def device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(args.device)
+def parse_device(name: str) -> torch.device:
+    """cpu, cuda or cuda:N (a visible one); anything else is refused rather than failing mid-run."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r} is not supported; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+        raise ConfigError(f"--device {name} was asked for but no CUDA device is visible; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                          f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
+def device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
+    device = parse_device(args.device)
     return device, DTYPES.get(args.dtype) or (torch.float32 if device.type == "cpu" else torch.bfloat16)
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option admits; None = unbounded. Real values must also be finite."""
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def admits(self, v: float) -> bool:
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        above = self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)
+        below = self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"a value {'>' if self.lo_open else '>='} {self.lo}"
+        return f"a value in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+
+# Every numeric option but the bit widths (duquant.config.check_bits); an option left unset (None) passes.
+RANGES = {
+    "seed": Range(0, 2**31 - 1),  # numpy seeds stop at 2**32 - 1, and seed + 1 is used too
+    "nsamples": Range(1), "seqlen": Range(16), "ppl_samples": Range(1), "eval_batch_size": Range(1),
+    "plot_layer": Range(0), "limit": Range(1),
+    "swc": Range(0, 1, lo_open=True), "lac": Range(0, 1, lo_open=True),
+    "alpha": Range(0, 1), "block_size": Range(2), "max_rotation_step": Range(1), "permutation_times": Range(1),
+    "rotation_tokens": Range(1), "smooth_scale_floor": Range(0), "act_absmax_floor": Range(0),
+    "kl_top": Range(0, 100), "balance_ratio": Range(0), "balance_max_extra": Range(1),
+    "group_size": Range(2), "percdamp": Range(0, 1, lo_open=True, hi_open=True), "gptq_blocksize": Range(1),
+    "gptq_min_tokens": Range(1), "ebss_tau": Range(0, lo_open=True), "ebss_width": Range(1),
+}
+
+
 SAVED_BITS = ("wbits", "abits", "kv_bits", "router_wbits", "router_abits")
+# The options that apply to --load; the saved model fixes every other one (the SAVED_BITS are
+# accepted when they match it). --export (issue 20) writes a loaded model in another format.
+LOAD_OPTIONS = {"--load", "--device", "--output_dir", "--eval_ppl", "--ppl_samples", "--eval_batch_size", "--seqlen",
+                "--tasks", "--limit", "--no-compare_fp", "--export", *(f"--{k}" for k in SAVED_BITS)}
+# What a saved model's method name starts with (method_name).
+SAVED_METHODS = ("rtn", "duquant", "eaquant", "moequant")
 
 
-def run_loaded(args) -> dict:
+def validate_args(args) -> None:
+    """Every option's range, in one place, before any work."""
+    for name, allowed in RANGES.items():
+        value = getattr(args, name, None)
+        if value is not None and not allowed.admits(value):
+            raise ConfigError(f"--{name} {value} is out of range; use {allowed}")
+    for name in SAVED_BITS:
+        if getattr(args, name) is not None:
+            check_bits(name, getattr(args, name))
+    parse_device(args.device)
+
+
+def check_load_options(args) -> None:
+    refused = sorted(args.given - LOAD_OPTIONS)
+    if refused:
+        raise ConfigError(f"{', '.join(refused)} cannot apply to --load (the saved model fixes "
+                          f"{'them' if len(refused) > 1 else 'it'}); drop {'them' if len(refused) > 1 else 'it'}, "
+                          "or quantize again without --load")
+
+
+def saved_label(saved: dict, path: Path) -> tuple[str, int, int]:
+    """(method, wbits, abits) that a saved model's results are labelled with, after checking that
+    its linears carry those bits and the method is one this version writes."""
+    try:
+        method, quant = saved["run"]["method"], saved["run"]["quant"]
+        wbits, abits = quant["wbits"], quant["abits"]
+        weight_bits = {e["bits"] for e in saved["linears"].values()}
+        act_bits = {e["act"]["bits"] for e in saved["linears"].values()}
+    except (KeyError, TypeError, AttributeError) as e:
+        raise QuantizedLoadError(f"{path / 'quant_config.json'} lacks {e}; save the model again") from None
+    if not isinstance(method, str) or re.split(r"[+-]", method)[0] not in SAVED_METHODS:
+        raise QuantizedLoadError(f"{path} was saved with method {method!r}, which this version does not know; "
+                                 "save the model again")
+    if (wbits < 16 and wbits not in weight_bits) or (abits < 16 and abits not in act_bits):
+        raise QuantizedLoadError(f"{path}: the config says W{wbits}A{abits} but its linears hold weights of "
+                                 f"{sorted(weight_bits)} and activations of {sorted(act_bits)} bits; save the model again")
+    return method, wbits, abits
+
+
+def run_loaded(args, out_dir: Path) -> dict:
     """Evaluate a saved quantized model: its own config decides the method and bits."""
     device, _ = device_and_dtype(args)
     t = time.time()
     model, tokenizer, saved = load_quantized(args.load)
     timings = {"load": time.time() - t}
+    saved_label(saved, args.load)
     cfg = saved["run"]
     for key in SAVED_BITS:
         if f"--{key}" in args.given and getattr(args, key) != cfg["quant"][key]:
@@ -329,13 +430,14 @@ def run_loaded(args) -> dict:
         raise ConfigError(f"{args.load} holds no tokenizer; save it again with main.py --save_dir")
     spec = get_spec(model)
     args.seqlen = min(args.seqlen, getattr(model.config, "max_position_embeddings", args.seqlen))
-    out_dir = args.output_dir or Path("results") / f"{args.load.name}-loaded"
     print(f"loaded {args.load} ({cfg['method']} w{cfg['quant']['wbits']}a{cfg['quant']['abits']}) in {timings['load']:.1f} s; "
           f"eval {args.eval_ppl or 'none'} (windows {args.ppl_samples or 'all'}), device {device}")
     segments = {name: ppl_segments(name, tokenizer, args.seqlen, args.ppl_samples) for name in args.eval_ppl_list}
     result = {"model": cfg["model"], "method": cfg["method"], "seed": cfg["run"]["seed"], "loaded_from": str(args.load),
               "config": cfg, "eval": {k: args_value(v) for k, v in vars(args).items()},
               "ppl_fp": {}, "kl_fp": {}, "tasks_fp": {}, "timings": timings}
+    if args.export is not None:
+        result["exported"] = export_model(args, model, tokenizer, cfg)
     result["ppl"], _, result["tasks"], times = evaluate(model, spec, tokenizer, segments, args, device, cfg["method"])
     timings.update(times)
     result["peak_memory_mb"] = peak_memory_mb(device)
@@ -345,16 +447,36 @@ def run_loaded(args) -> dict:
     return result
 
 
+def export_model(args, model, tokenizer, run_config: dict) -> dict:
+    """--export: write the model, and say on one line each what the export could not keep."""
+    fmt, out = args.export[0], Path(args.export[1])
+    info = export.export_compressed_tensors(model, tokenizer, out, run_config)
+    for line in info["lost"]:
+        print(f"warning: the {fmt} export does not keep {line}")
+    print(f"exported {out} ({fmt}): {info['total_bytes'] / 2**20:.1f} MiB"
+          + (f", {info['decoded_linears']} linears as decoded weights" if info["decoded_linears"] else ""))
+    return {"format": fmt, "dir": str(out), **info}
+
+
 def args_value(v):
     return str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v
 
 
 def run(args) -> dict:
+    """Check every option and path, then run; a run refused or failing before its first finished
+    layer leaves nothing behind."""
+    validate_args(args)
+    if args.export is not None:
+        export.check_request(args.export[0], Path(args.export[1]))
     args.eval_ppl_list = [s for s in args.eval_ppl.split(",") if s]
     args.tasks_list = [s.strip() for s in args.tasks.split(",") if s.strip()]
     if args.load is not None:
+        check_load_options(args)
         args.tasks_list = check_tasks(args.tasks_list)
-        return run_loaded(args)
+        out_dir = args.output_dir or Path("results") / f"{args.load.name}-loaded"
+        check_output_dir(out_dir, "--output_dir")
+        with cleaned_up_on_failure(out_dir, args):
+            return run_loaded(args, out_dir)
     if args.save_dir is not None:
         check_save_dir(args.save_dir)  # before the quantization it would otherwise waste
     quant, duq = build_configs(args)
@@ -362,6 +484,8 @@ def run(args) -> dict:
     if ea.any and args.method in ("fp", "rtn"):
         raise ConfigError(f"EAQuant options build on DuQuant; use --method duquant (or eaquant), not {args.method}")
     mq, gptq = build_moequant(args)
+    if args.export is not None:
+        export.check_configs(args.method != "fp", duq, gptq)
     if args.method == "fp" and (gptq is not None or mq.any):
         raise ConfigError("GPTQ and MoEQuant options quantize; use --method rtn, duquant or eaquant, not fp")
     method = method_name(args, ea, mq, gptq)
@@ -369,6 +493,15 @@ def run(args) -> dict:
         raise ConfigError("--save_dir writes a quantized model; --method fp has none (the checkpoint is the FP model)")
     if args.stream_dir is not None and not args.stream:
         raise ConfigError("--stream_dir only applies with --stream; add --stream or drop --stream_dir")
+    out_dir = args.output_dir or Path("results") / f"{Path(args.model.rstrip('/')).name}-{method}-{quant.tag}"
+    check_paths(args, quant, out_dir)
+    with cleaned_up_on_failure(out_dir, args):
+        return quantize_and_evaluate(args, method, quant, duq, ea, mq, gptq, out_dir)
+
+
+def quantize_and_evaluate(args, method: str, quant: QuantConfig, duq: DuQuantConfig, ea: EAQuantConfig,
+                          mq: MoEQuantConfig, gptq: GPTQConfig | None, out_dir: Path) -> dict:
+    """Load the model, quantize it (unless --method fp), evaluate, write results.json."""
     device, dtype = device_and_dtype(args)
     seed_everything(args.seed)
     timings: dict[str, float] = {}
@@ -376,6 +509,8 @@ def run(args) -> dict:
     model, tokenizer = load_model(args.model, dtype, stream=args.stream, spill_dir=args.stream_dir)
     spec = get_spec(model)
     timings["load"] = time.time() - t
+    if args.export is not None:
+        export.check_model(model, spec, quant.wbits, quant.w_sym)
     max_pos = getattr(model.config, "max_position_embeddings", args.seqlen)
     if args.seqlen > max_pos:
         print(f"notice: --seqlen {args.seqlen} exceeds the model's {max_pos} positions; using {max_pos}")
@@ -386,7 +521,6 @@ def run(args) -> dict:
     if mq.any and spec.router is None:
         raise ConfigError(f"MoEQuant options (--moequant, --agq, --calib_dataset ebss) require an MoE model, "
                           f"but {args.model} ({type(model).__name__}) has no MoE layers")
-    out_dir = args.output_dir or Path("results") / f"{Path(args.model.rstrip('/')).name}-{method}-{quant.tag}"
     print(f"model {args.model} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
           f"method {method} {quant.tag} (kv {quant.kv_bits}, router w{quant.router_wbits}a{quant.router_abits}), "
           f"calibration {args.nsamples} x {args.seqlen} from {args.calib_dataset}, "
@@ -448,6 +582,9 @@ def run(args) -> dict:
             result["saved"] = {"dir": str(args.save_dir), **saved}
             print(f"saved {args.save_dir}: quantized linears {saved['quantized_linears_bytes'] / 2**20:.1f} MiB = "
                   f"{saved['ratio']:.3f}x their bf16 size; directory {saved['total_bytes'] / 2**20:.1f} MiB")
+        if args.export is not None:
+            result["exported"] = export_model(args, model, tokenizer, {"model": args.model, "method": method,
+                                                                        **result["config"]})
     result["ppl"], result["kl_fp"], result["tasks"], times = evaluate(model, spec, tokenizer, segments, args, device,
                                                                       args.method, against=fp_states)
     if fp_states is not None:
@@ -465,8 +602,79 @@ def run(args) -> dict:
     return result
 
 
+def disk_needs(args, quant: QuantConfig) -> dict[str, int]:
+    """Lower bounds of the bytes the run writes per directory option, from the local checkpoint's
+    size (none for a hub id or a tiny model): the packed model (--save_dir, and the layer
+    checkpoints in --output_dir with the calibration activations) and the spilled layers (--stream_dir)."""
+    try:
+        path = Path(resolve_model_name(args.model))
+    except ModelLoadError:
+        return {}
+    files = [f for f in path.iterdir() if f.suffix in (".safetensors", ".bin")] if path.is_dir() else []
+    if not files:
+        return {}
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    stored = {"bfloat16": 2, "float16": 2}.get(config.get("dtype") or config.get("torch_dtype"), 4)
+    weights = sum(f.stat().st_size for f in files) / stored  # at 4 bytes when unknown: the smallest count
+    compute = 4 if args.dtype in ("auto", "float32") else 8 if args.dtype == "float64" else 2
+    packed = weights * min(quant.wbits, 16) / 8
+    activations = args.nsamples * args.seqlen * config.get("hidden_size", 0) * compute
+    # Decoder layers hold over half of a model's weights; the spill keeps them at the compute dtype.
+    return {"save_dir": int(packed), "output_dir": int(packed + activations) if args.method != "fp" else 0,
+            "stream_dir": int(weights * compute / 2)}
+
+
+def check_paths(args, quant: QuantConfig, out_dir: Path) -> None:
+    """Every directory the run writes, checked before any work (models/files.py: check_output_dir);
+    temporaries a killed earlier save left next to --save_dir are removed."""
+    needs = disk_needs(args, quant)
+    check_output_dir(out_dir, "--output_dir", needs.get("output_dir", 0))
+    if args.save_dir is not None:
+        remove_stale_temporaries(args.save_dir)
+        check_output_dir(args.save_dir, "--save_dir", needs.get("save_dir", 0))
+    if args.stream:
+        check_output_dir(args.stream_dir or Path(tempfile.gettempdir()), "--stream_dir", needs.get("stream_dir", 0))
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run; the message says what was kept and how to resume."""
+
+
+def _layers_done(partial: Path) -> int:
+    try:
+        return finished_layers(partial)
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@contextmanager
+def cleaned_up_on_failure(out_dir: Path, args):
+    """On any failure, remove what the run wrote before its first finished layer: partial/ holding no
+    layer, and the output directory if this run created it and left it empty. Ctrl-C becomes
+    `Interrupted`, whose message says how to resume from the layers that were kept."""
+    created = not out_dir.exists()
+    partial = out_dir / "partial"
+    try:
+        yield
+    except BaseException as e:
+        done = _layers_done(partial)
+        if done == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        if not isinstance(e, KeyboardInterrupt):
+            raise
+        if done == 0:
+            raise Interrupted("interrupted before any layer was finished; nothing to resume") from None
+        again = "the same command" if args.resume else "the same command without --no-resume"
+        raise Interrupted(f"interrupted; rerun {again} to resume from {partial} (layers done: {done})") from None
+
+
 # Run options that change the quantized model; a partial run resumes only if they are all the same.
-EVAL_ONLY = {"output_dir", "save_dir", "load", "resume", "stream", "stream_dir", "eval_ppl", "eval_ppl_list",
+EVAL_ONLY = {"output_dir", "save_dir", "export", "load", "resume", "stream", "stream_dir", "eval_ppl", "eval_ppl_list",
              "ppl_samples", "eval_batch_size", "compare_fp", "tasks", "tasks_list", "limit", "plots", "plot_layer", "device", "given"}
 
 
@@ -477,7 +685,14 @@ def checkpoint_dir(out_dir: Path, config: dict, resume: bool) -> Path:
     saved = partial / "run.json"
     if partial.exists() and not resume:
         shutil.rmtree(partial)
-    if saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(fingerprint)):
+    try:
+        found = json.loads(saved.read_text()) if saved.exists() else None
+        check_readable(partial)
+    except Exception as e:  # whatever a damaged file raises
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise ConfigError(f"{partial} holds a damaged checkpoint ({type(e).__name__}: {first}); "
+                          "pass --no-resume to discard it and start over") from None
+    if found is not None and found != json.loads(json.dumps(fingerprint)):
         raise ConfigError(f"{out_dir} holds a partial run of another configuration; pass --no-resume to discard it, "
                           "or choose another --output_dir")
     partial.mkdir(parents=True, exist_ok=True)
@@ -522,12 +737,22 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         print("no arguments: running the demo, i.e. python main.py " + " ".join(DEMO_ARGS))
         argv = DEMO_ARGS
-    args = parse_args(argv)
+    if hasattr(signal, "SIGXFSZ"):  # past the file-size limit a write then fails (WriteError) instead of killing us
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
-        run(args)
-    except (ConfigError, ModelLoadError, DataError, QuantizedLoadError) as e:
+        run(parse_args(argv))
+    except (ConfigError, ModelLoadError, DataError, QuantizedLoadError, PathError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a write that failed (models.files.WriteError) or another I/O failure
+        print(f"error: {describe(e)}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted before the run started; nothing was written", file=sys.stderr)
+        return 130
     return 0
 
 

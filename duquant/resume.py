@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from models.files import write_file_atomically
@@ -50,3 +51,17 @@ def load_inputs(ckpt_dir: Path) -> tuple[list[torch.Tensor], list[torch.Tensor],
     """The calibration inputs, expert-only extra inputs and mean rotation sequence entering the next layer."""
     saved = torch.load(ckpt_dir / "inputs.pt", weights_only=True)
     return saved["inps"], saved["extra"], saved["rot"]
+
+
+def check_readable(ckpt_dir: Path) -> None:
+    """Open every file a resume would read (headers only, nothing is loaded), so that a damaged
+    checkpoint is refused before the quantization starts rather than failing at its layer;
+    raises what the damaged file raises."""
+    done = finished_layers(ckpt_dir)
+    for i in range(done):
+        if "state" not in json.loads((ckpt_dir / f"layer{i}.json").read_text()):
+            raise KeyError(f"layer{i}.json has no state")
+        with safe_open(str(ckpt_dir / f"layer{i}.safetensors"), "pt"):
+            pass
+    if done:
+        torch.load(ckpt_dir / "inputs.pt", mmap=True, weights_only=True)

@@ -14,6 +14,7 @@ import os
 import re
 import resource
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -156,3 +157,47 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
         log.warning("removed %s, a temporary left by a killed run (process %s)", p, m.group(1) or m.group(3))
         removed.append(p)
     return removed
+
+
+# Longest suffix a writer adds to a name (".X.tmp-<pid>.json"), kept free under the file system's limit.
+NAME_MARGIN = 24
+
+
+def _existing_ancestor(path: Path, option: str) -> Path:
+    """The nearest of `path` and its parents that exists; it must be a directory."""
+    for p in (path, *path.parents):
+        try:
+            if p.is_dir():
+                return p
+            if p.exists():
+                where = "is a file" if p == path else f"is under {p}, which is a file"
+                raise PathError(f"{option} {path} {where}, not a directory; choose another path")
+        except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:
+                raise PathError(f"{option} {path}: a name in it is too long for the file system; choose a "
+                                "shorter path") from None
+            raise PathError(f"{option} {path}: {describe(e)}") from None
+    return Path(".")  # not reached: "." or "/" ends every list of parents
+
+
+def check_output_dir(path: str | Path, option: str, need_bytes: int = 0) -> None:
+    """Refuse, before any work, a directory that a run could not write into: one that is a file or
+    under one, whose names are too long (with room for the temporaries' suffixes), that cannot be
+    written, or whose disk has less than `need_bytes` free. Nothing is created."""
+    path = Path(path)
+    base = _existing_ancestor(path, option)
+    name_max = os.pathconf(base, "PC_NAME_MAX")
+    for name in (*path.parts[len(base.parts):], path.name):  # the names still to be created, and the last
+        if len(os.fsencode(name)) + NAME_MARGIN > name_max:
+            raise PathError(f"{option} {path}: the name {name[:40]}... is too long ({len(os.fsencode(name))} bytes; "
+                            f"at most {name_max - NAME_MARGIN}); choose a shorter name")
+    if len(os.fsencode(os.path.abspath(path))) + 2 * NAME_MARGIN > os.pathconf(base, "PC_PATH_MAX"):
+        raise PathError(f"{option} {path}: the path is too long for the file system; choose a shorter one")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=base))
+    except OSError as e:
+        raise PathError(f"{option} {path}: cannot write in {base} ({e.strerror}); choose a writable directory") from None
+    free = shutil.disk_usage(base).free
+    if free < need_bytes:
+        raise PathError(f"{option} {path}: needs at least {need_bytes / 2**20:.0f} MiB and {base} has "
+                        f"{free / 2**20:.0f} MiB free; free space or choose another disk")
