@@ -3,8 +3,12 @@
 No pretrained MoE checkpoint can be downloaded here, so the project trains its own and ships them
 as ordinary Hugging Face checkpoints. Run in the background; it resumes from its last checkpoint:
 
-    nohup python -m models.zoo.train --arch mixtral > zoo-mixtral.log 2>&1 &
-    python -m models.zoo.train --arch mixtral --export models/zoo/demo-mixtral
+    mkdir -p runs/zoo && nohup python -m models.zoo.train --arch mixtral > runs/zoo/mixtral.log 2>&1 &
+    python -m models.zoo.train --arch mixtral --export runs/zoo/demo-mixtral
+
+`--export` never replaces an existing model (the shipped ones under models/zoo/ included) unless
+given `--force`, and refuses to export a run that has not trained a step. `--smoke` runs keep their
+state under runs/zoo/smoke/<arch>, away from the real runs.
 
 Choices real LLMs share and that let outliers and attention sinks form: a BOS token at the start
 of every training sequence, no weight decay on norm gains, a per-layer balancing loss (the pooled
@@ -17,6 +21,7 @@ import gzip
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.files import write_dir_atomically, write_file_atomically
+from models.files import describe, write_dir_atomically, write_file_atomically
 from models.registry import get_spec
 from models.spec import moe_routers
 
@@ -52,6 +57,17 @@ ARCHS = {
         model_type="deepseek", num_key_value_heads=8, intermediate_size=768, moe_intermediate_size=96,
         n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=2, first_k_dense_replace=1,
         norm_topk_prob=False, **_COMMON,
+    ),
+    # Dense models for comparisons with the published DuQuant code on Llama. Head dim 128 and widths
+    # that are multiples of 128, as in Llama-2-7B: that code's rotation blocks and its Q/K Hadamard
+    # are 128 wide and assume both.
+    "llama-s": dict(
+        _COMMON, model_type="llama", num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=640,
+    ),
+    "llama-m": dict(
+        _COMMON, model_type="llama", num_hidden_layers=4, hidden_size=384, num_attention_heads=3,
+        num_key_value_heads=3, intermediate_size=1024,
     ),
 }
 
@@ -180,6 +196,28 @@ def warm_start(model, export_dir: Path) -> tuple[int, list, float]:
     return meta["steps"], history, meta["train_seconds"]
 
 
+def fail(message: str) -> None:
+    """One `error:` line and exit status 2, as main.py does for bad input."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_export_target(out: Path, force: bool, step: int, run_dir: Path) -> None:
+    """An export replaces an exported model only with --force, never another directory, and is
+    never of an untrained (step 0) model."""
+    if step == 0:
+        fail(f"no training state in {run_dir} (step 0): the export would be an untrained model; train first "
+             "(same --arch and --run_dir), or pass --warm_start DIR")
+    if out.exists() and not out.is_dir():
+        fail(f"--export {out} is a file; choose a new directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "config.json").exists():
+            fail(f"--export {out} exists and is not an exported model; choose a new directory")
+        if not force:
+            fail(f"--export {out} already holds a model (shipped models are replaced only on purpose, and their "
+                 "cards are lost); export to a new directory, or pass --force to replace it")
+
+
 def build_model(arch: str, seed: int, smoke: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -214,12 +252,13 @@ def main(argv=None) -> None:
     p.add_argument("--warm_start", type=Path, default=None,
                    help="when no checkpoint exists: start from an exported zoo model's weights and step "
                         "(fresh optimizer state), e.g. after the training state was lost")
-    p.add_argument("--smoke", action="store_true", help="tiny model, shipped tokenizer, two books: a seconds-long check")
+    p.add_argument("--force", action="store_true", help="let --export replace an existing exported model")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"tiny model, shipped tokenizer, two books: a seconds-long check (default --run_dir {RUNS}/smoke/<arch>)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_dir = args.run_dir or RUNS / args.arch
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = args.run_dir or (RUNS / "smoke" / args.arch if args.smoke else RUNS / args.arch)
     if args.device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")
     tokenizer = build_tokenizer(SHIPPED_TOKENIZER)
@@ -234,7 +273,10 @@ def main(argv=None) -> None:
     where = hardware(args.device)
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False, map_location=args.device)
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError:
+            fail(f"{ckpt_path} is a checkpoint of another model (--smoke or not, --arch); choose another --run_dir")
         opt.load_state_dict(state["opt"])
         step, history, elapsed = state["step"], state["history"], state.get("elapsed", 0.0)
         where = state.get("hardware", where)
@@ -243,13 +285,15 @@ def main(argv=None) -> None:
         step, history, elapsed = warm_start(model, args.warm_start)
         print(f"warm-started {args.arch} from {args.warm_start} at step {step} (fresh optimizer state)")
     if args.export:
+        check_export_target(args.export, args.force, step, run_dir)
         meta = {"arch": args.arch, "steps": step, "tokens": step * args.batch * args.seqlen,
                 "train_seconds": elapsed, "hardware": where, "history": history,
-                "args": {k: str(v) for k, v in vars(args).items() if k not in ("export", "run_dir")}}
+                "args": {k: str(v) for k, v in vars(args).items() if k not in ("export", "run_dir", "force")}}
         export(model, tokenizer, args.export, meta)
         print(f"exported step {step} to {args.export}")
         return
 
+    run_dir.mkdir(parents=True, exist_ok=True)
     data_dir, limit = (run_dir, 2) if args.smoke else (RUNS, None)
     train = token_stream(tokenizer, "train", data_dir / "train_tokens.npy", limit)
     val = token_stream(tokenizer, "validation", data_dir / "val_tokens.npy", limit)
@@ -257,7 +301,7 @@ def main(argv=None) -> None:
     routers = moe_routers(model, get_spec(model))
     for r in routers:
         r.register_forward_hook(lambda mod, inp, out: captured.append(out[0]))
-    top_k = routers[0].top_k
+    top_k = routers[0].top_k if routers else 0
     bos = tokenizer.bos_token_id
     print(f"{args.arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
           f"{len(train) / 1e6:.1f}M train tokens, {len(val) / 1e6:.2f}M val tokens")
@@ -271,7 +315,7 @@ def main(argv=None) -> None:
         captured.clear()
         logits = model(input_ids=x).logits
         lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
-        aux = balance_loss(captured, top_k)
+        aux = balance_loss(captured, top_k) if routers else torch.zeros((), device=lm.device)
         (lm + args.aux_coef * aux).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -292,4 +336,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OSError as e:  # a write that failed: full disk, file-size limit (models.files.WriteError)
+        fail(describe(e))
