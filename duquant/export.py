@@ -344,10 +344,12 @@ def export_losses(linears: list[Linear], p: Plan, meta: dict, model_type: str) -
                     f"keeps {model_type} experts fused (3-D tensors, not nn.Linear), so compressed-tensors cannot "
                     "quantize their inputs and they run on full-precision inputs")
     kept = p.dense_names | p.expert_names
-    decoded = [lin.name for lin in linears if not lin.fused_expert and lin.act_bits < 16 and lin.name not in kept]
+    decoded = [lin for lin in linears if not lin.fused_expert and lin.act_bits < 16 and lin.name not in kept]
     if decoded:
-        lost.append(f"input quantization of {len(decoded)} linears written as decoded weights (routers and linears "
-                    f"off the main grid, e.g. {decoded[0]}): they run on full-precision inputs")
+        bits = "/".join(map(str, sorted({lin.act_bits for lin in decoded})))
+        lost.append(f"the {bits}-bit input quantization of {len(decoded)} routers and other linears written as "
+                    f"decoded weights (not nn.Linear in transformers, or off the main grid; e.g. {decoded[0].name}): "
+                    "they run on full-precision inputs")
     acts = [lin.act for lin in linears if lin.name in p.dense_names and lin.act_bits < 16]
     clips = sorted({a["clip"] for a in acts if a["clip"] != 1.0})
     if clips:

@@ -221,6 +221,20 @@ def test_export_of_a_loaded_model_equals_the_export_after_quantizing(tmp_path):
 CLI = ["--model", "tiny-llama", "--nsamples", "2", "--seqlen", "64", "--eval_ppl", "", "--no-compare_fp"]
 
 
+def test_cli_exports_after_quantizing_and_after_load_alike(tmp_path, capsys):
+    ct, again = tmp_path / "ct", tmp_path / "ct_loaded"
+    assert main.main([*CLI, "--model", "tiny-mixtral", "--method", "rtn", "--wbits", "4", "--abits", "16",
+                      "--output_dir", str(tmp_path / "r"),
+                      "--save_dir", str(tmp_path / "saved"), "--export", "compressed-tensors", str(ct)]) == 0
+    assert main.main(["--load", str(tmp_path / "saved"), "--eval_ppl", "", "--output_dir", str(tmp_path / "r2"),
+                      "--export", "compressed-tensors", str(again)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("warning: the compressed-tensors export does not keep the 8-bit input quantization") == 2
+    assert (ct / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+    result = json.loads((tmp_path / "r2" / "results.json").read_text())
+    assert result["exported"]["dir"] == str(again) and result["exported"]["lost"]
+
+
 def test_cli_refuses_an_inexpressible_export_before_quantizing(tmp_path, capsys):
     out = tmp_path / "results"
     assert main.main([*CLI, "--method", "duquant", "--output_dir", str(out),
