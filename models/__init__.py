@@ -17,7 +17,8 @@ from .registry import SPECS, get_spec
 from .spec import LayerView, MLPView, ModelSpec, decoder_layers, resolve
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
-ZOO = {"demo-mixtral": "demo-mixtral", "demo-olmoe": "demo-olmoe", "demo-deepseek": "demo-deepseek"}
+ZOO = {"demo-mixtral": "demo-mixtral", "demo-olmoe": "demo-olmoe", "demo-deepseek": "demo-deepseek",
+       "demo-llama-s": "demo-llama-s", "demo-llama-m": "demo-llama-m"}
 PAPER_CHECKPOINTS = {
     "mixtral": "mistralai/Mixtral-8x7B-v0.1",
     "olmoe": "allenai/OLMoE-1B-7B-0924",

@@ -8,17 +8,19 @@ from models import ZOO, ZOO_DIR, get_spec, load_model
 from models.zoo import train
 
 SHIPPED = [name for name in sorted(ZOO) if (ZOO_DIR / name / "config.json").exists()]
+DENSE = {"demo-llama-s", "demo-llama-m"}  # dense Llamas for comparisons with the published DuQuant code
 
 
 def test_the_default_model_is_shipped():
-    assert set(SHIPPED) == {"demo-mixtral", "demo-olmoe", "demo-deepseek"}
+    assert set(SHIPPED) == {"demo-mixtral", "demo-olmoe", "demo-deepseek"} | DENSE
 
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_checkpoint_loads_and_runs(name):
     model, tok = load_model(name)
     spec = get_spec(model)
-    assert spec.router is not None and any(spec.is_moe_layer(model.config, i) for i in range(model.config.num_hidden_layers))
+    is_moe = any(spec.is_moe_layer(model.config, i) for i in range(model.config.num_hidden_layers))
+    assert is_moe == (name not in DENSE) and (spec.router is None) == (name in DENSE)
     size = sum(f.stat().st_size for f in (ZOO_DIR / name).glob("*.safetensors"))
     assert size < 50 * 2**20
     ids = tok("It was a bright cold day in April, and the clocks were striking thirteen." * 4, return_tensors="pt").input_ids[:, :64]
@@ -27,10 +29,10 @@ def test_shipped_checkpoint_loads_and_runs(name):
         logits = model(ids).logits
     assert torch.isfinite(logits).all()
     card = (ZOO_DIR / name / "README.md").read_text()
-    assert "Expert load" in card and "Activation outliers" in card
+    assert name in DENSE or ("Expert load" in card and "Activation outliers" in card)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "deepseek"])
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek", "llama-s"])
 def test_training_smoke_runs_and_resumes(arch, tmp_path, capsys):
     common = ["--arch", arch, "--smoke", "--run_dir", str(tmp_path), "--batch", "2", "--seqlen", "64",
               "--save_every", "10", "--eval_every", "10", "--warmup", "2"]
