@@ -532,7 +532,7 @@ def quantize_and_evaluate(args, method: str, quant: QuantConfig, duq: DuQuantCon
                          "quant": asdict(quant), "duquant": asdict(duq), "eaquant": asdict(ea),
                          "gptq": asdict(gptq) if gptq is not None else None, "moequant": asdict(mq)},
               "ppl": {}, "ppl_fp": {}, "kl_fp": {}, "tasks": {}, "tasks_fp": {}, "timings": timings}
-    fp_states = FPStates(out_dir, segments) if args.compare_fp and args.method != "fp" and segments else None
+    fp_states = FPStates(segments) if args.compare_fp and args.method != "fp" and segments else None
     if args.compare_fp and args.method != "fp":
         result["ppl_fp"], _, result["tasks_fp"], times = evaluate(model, spec, tokenizer, segments, args, device, "FP",
                                                                   keep=fp_states)

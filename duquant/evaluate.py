@@ -63,12 +63,12 @@ class FinalStates:
 
 
 class FPStates:
-    """Every evaluation set's FinalStates, in a temporary folder under `parent` (next to the results,
-    not in a RAM-backed /tmp); `close()` removes it, as does the interpreter's exit after a failure."""
+    """Every evaluation set's FinalStates, in a temporary folder under `parent` (default: the system's
+    temporary directory, $TMPDIR, as for --stream's spilled layers); `close()` removes it, as does the
+    object's collection or the interpreter's exit after a failure."""
 
-    def __init__(self, parent: Path, names):
-        parent.mkdir(parents=True, exist_ok=True)
-        self._folder = tempfile.TemporaryDirectory(dir=parent, prefix=".fp-states-")
+    def __init__(self, names, parent: Path | None = None):
+        self._folder = tempfile.TemporaryDirectory(dir=parent, prefix="fp-states-")
         self.sets = {name: FinalStates(Path(self._folder.name) / f"{name}.bin") for name in names}
 
     @property

@@ -1,6 +1,7 @@
 """KL to FP and top-1 agreement (duquant/evaluate.py): zero when nothing is quantized, equal to a
 direct full-logits computation, and computed without memory that grows with the FP logits."""
 import json
+import tempfile
 import weakref
 
 import numpy as np
@@ -28,15 +29,25 @@ def _main(tmp_path, capsys, *argv):
     return json.loads((tmp_path / "results.json").read_text()), capsys.readouterr().out
 
 
-def test_nothing_quantized_gives_zero_kl_and_full_agreement(tmp_path, capsys):
-    res, out = _main(tmp_path, capsys, "--method", "duquant", "--wbits", "16", "--abits", "16", "--kv_bits", "16",
+def test_nothing_quantized_gives_zero_kl_and_full_agreement(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    res, out = _main(tmp_path / "out", capsys, "--method", "duquant", "--wbits", "16", "--abits", "16", "--kv_bits", "16",
                      "--router_wbits", "16", "--router_abits", "16", "--eval_ppl", "wikitext2,c4")
     assert set(res["kl_fp"]) == {"wikitext2", "c4"}
     for kl in res["kl_fp"].values():
         assert abs(kl["mean"]) < 1e-6 and abs(kl["p99"]) < 1e-5
         assert kl["top1_agreement"] == 1.0 and kl["tokens"] == 3 * 63
     assert "KL to FP" in out and "top-1 agreement with FP" in out
-    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # the FP states' folder is gone
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the FP states' folder is gone
+
+
+def test_a_run_failing_after_the_fp_pass_leaves_no_states(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    argv = ["--model", "tiny-mixtral", *FAST, "--method", "rtn", "--eval_ppl", "wikitext2", "--plots",
+            "--plot_layer", "5", "--output_dir", str(tmp_path / "out")]
+    assert main.main(argv) == 2
+    assert "FP wikitext2" in capsys.readouterr().err  # the FP pass ran before the error
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_quantized_run_records_kl_and_fp_runs_record_none(tmp_path, capsys):
@@ -52,7 +63,7 @@ def test_quantized_run_records_kl_and_fp_runs_record_none(tmp_path, capsys):
 def test_stored_states_reproduce_the_fp_logits_bit_for_bit(tmp_path, dtype):
     model, tok = tiny_model("mixtral", dtype=dtype)
     spec, seg = get_spec(model), ppl_segments("wikitext2", tok, 64, 3)
-    states = FPStates(tmp_path, ["wikitext2"])
+    states = FPStates(["wikitext2"], tmp_path)
     fp_ppl = perplexity(model, spec, seg, batch_size=2, keep=states.sets["wikitext2"])
     ppl, kl = divergence_from_fp(model, spec, seg, states.sets["wikitext2"], batch_size=2)
     assert ppl == fp_ppl and kl["mean"] == 0.0 and kl["p99"] == 0.0 and kl["top1_agreement"] == 1.0
@@ -76,7 +87,7 @@ def test_kl_matches_a_direct_computation(tmp_path):
     seg = ppl_segments("wikitext2", tok, 64, 4)
     with torch.no_grad():
         fp_logits = model(seg).logits
-    states = FPStates(tmp_path, ["wikitext2"])
+    states = FPStates(["wikitext2"], tmp_path)
     perplexity(model, spec, seg, batch_size=2, keep=states.sets["wikitext2"])
     quantize_model(model, spec, calibration_segments("c4", tok, 2, 64, 0), QuantConfig(4, 4),
                    DuQuantConfig(block_size=32, max_rotation_step=8), seed=0)
@@ -149,7 +160,7 @@ def test_memory_does_not_grow_with_the_fp_logits(tmp_path):
     for n in (2, 8):
         seg = ppl_segments("wikitext2", tok, seqlen, n)
         assert seg.shape[0] == n
-        states = FPStates(tmp_path, ["w"])
+        states = FPStates(["w"], tmp_path)
         perplexity(model, spec, seg, batch_size=2, keep=states.sets["w"])
         file_bytes[n] = states.sets["w"].path.stat().st_size
         peaks[n] = _peak_bytes(lambda: divergence_from_fp(model, spec, seg, states.sets["w"], batch_size=2))
