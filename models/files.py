@@ -52,11 +52,15 @@ def describe(e: OSError) -> str:
 
 
 def _cause(e: BaseException, tmp: Path) -> int | None:
-    """The errno behind a failed write. Serializers (torch.save, safetensors) report I/O failures as
-    their own exception types, so the file-size limit and a full disk are also recognised by their
-    effect: the temporary reached the limit, or the disk is (nearly) full."""
+    """The errno behind a failed write, or None for a failure that is not an I/O one. Serializers
+    report I/O failures as their own exception types: safetensors names the OS error in its message;
+    torch.save does not, so the file-size limit and a full disk are recognised by their effect (the
+    temporary reached the limit, or the disk is nearly full)."""
     if isinstance(e, OSError) and e.errno is not None:
         return e.errno
+    rust = re.search(r"\(os error (\d+)\)", str(e))  # safetensors' I/O errors
+    if rust:
+        return int(rust.group(1))
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     files = [tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()] if tmp.is_dir() else []
     if limit != resource.RLIM_INFINITY and any(p.stat().st_size >= limit for p in files):
@@ -199,5 +203,5 @@ def check_output_dir(path: str | Path, option: str, need_bytes: int = 0) -> None
         raise PathError(f"{option} {path}: cannot write in {base} ({e.strerror}); choose a writable directory") from None
     free = shutil.disk_usage(base).free
     if free < need_bytes:
-        raise PathError(f"{option} {path}: needs at least {need_bytes / 2**20:.0f} MiB and {base} has "
-                        f"{free / 2**20:.0f} MiB free; free space or choose another disk")
+        raise PathError(f"{option} {path}: needs at least {need_bytes / 2**20:.1f} MiB and {base} has "
+                        f"{free / 2**20:.1f} MiB free; free space or choose another disk")
