@@ -668,7 +668,7 @@ def cleaned_up_on_failure(out_dir: Path, args):
         if not isinstance(e, KeyboardInterrupt):
             raise
         if done == 0:
-            raise Interrupted("interrupted before any layer was finished; nothing to resume") from None
+            raise Interrupted("interrupted; nothing to resume from (no layer had been quantized)") from None
         again = "the same command" if args.resume else "the same command without --no-resume"
         raise Interrupted(f"interrupted; rerun {again} to resume from {partial} (layers done: {done})") from None
 
