@@ -368,7 +368,7 @@ RANGES = {
 
 SAVED_BITS = ("wbits", "abits", "kv_bits", "router_wbits", "router_abits")
 # The options that apply to --load; the saved model fixes every other one (the SAVED_BITS are
-# accepted when they match it). --export (issue 20) writes a loaded model in another format.
+# accepted when they match it). --export converts a loaded model as well as a freshly quantized one.
 LOAD_OPTIONS = {"--load", "--device", "--output_dir", "--eval_ppl", "--ppl_samples", "--eval_batch_size", "--seqlen",
                 "--tasks", "--limit", "--no-compare_fp", "--export", *(f"--{k}" for k in SAVED_BITS)}
 # What a saved model's method name starts with (method_name).
