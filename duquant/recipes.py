@@ -41,14 +41,16 @@ OFFICIAL_EAQUANT = {
 }
 
 # The papers describe a per-block search on the outlier channel that keeps the prefix with the
-# smallest max |x|, and EAQuant's Eq. 6 includes the router; elsewhere they are read as the code.
-PAPER = {"rotation": "paper", "rotation_stop": "absmax", "spreading": "uniform"}
+# smallest max |x|, and EAQuant's Eq. 6 includes the router and its objective is MSE + KL;
+# where they say nothing, the paper recipe takes the code's choice.
+PAPER = {"rotation": "paper", "rotation_stop": "absmax"}
 
 RECIPES: dict[str, tuple[dict[str, object], dict[str, object]]] = {
     # name: (values for DuQuant runs, values when an EAQuant component is on)
     "default": ({}, {}),
     "official": (OFFICIAL_DUQUANT, OFFICIAL_EAQUANT),
-    "paper": ({**OFFICIAL_DUQUANT, **PAPER}, {**OFFICIAL_EAQUANT, **PAPER, "smooth_aggregate_router": True}),
+    "paper": ({**OFFICIAL_DUQUANT, **PAPER},
+              {**OFFICIAL_EAQUANT, **PAPER, "smooth_aggregate_router": True, "align_rule": "ours"}),
 }
 
 
