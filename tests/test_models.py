@@ -95,5 +95,5 @@ def test_unknown_model_and_path_errors():
         load_model("./definitely/not/a/model")
     with pytest.raises(ModelLoadError, match="demo-mixtral"):
         load_model("no-such-org/no-such-model")
-    with pytest.raises(ValueError, match="unknown tiny architecture"):
+    with pytest.raises(ModelLoadError, match="unknown tiny model tiny-gpt2; choose from tiny-mixtral"):
         load_model("tiny-gpt2")

@@ -282,7 +282,7 @@ def test_cli_moequant_end_to_end(tmp_path, capsys):
     (["--model", "tiny-llama", "--moequant", "--seqlen", "64"], "require an MoE model"),
     (["--model", "tiny-mixtral", "--act_order"], "add --gptq"),
     (["--model", "tiny-mixtral", "--method", "fp", "--gptq"], "not fp"),
-    (["--model", "tiny-mixtral", "--gptq", "--percdamp", "0"], "--percdamp 0.0 must be in (0, 1)"),
+    (["--model", "tiny-mixtral", "--gptq", "--percdamp", "0"], "--percdamp 0.0 is out of range; use a value in (0, 1)"),
     (["--model", "tiny-mixtral", "--moequant", "--agq_c", "0.1,2"], "--agq_c"),
 ])
 def test_bad_moequant_input_is_one_line(argv, message, tmp_path, capsys):
