@@ -188,6 +188,25 @@ def test_default_w4a4_rtn_export_lists_exactly_what_it_drops(tmp_path):
     assert (out - before).abs().max() > (out - expected).abs().max()
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_smoothing_folded_into_v_proj_exports_where_attention_has_one_value_head_per_query_head(kv_heads, tmp_path):
+    """SmoothQuant-style DuQuant (no rotations) folds every smoothing into a norm, up_proj or v_proj on
+    multi-head attention, so it exports; with grouped-query attention o_proj's stays online: refused."""
+    model, tok = tiny_model("llama", num_key_value_heads=kv_heads)
+    calib, x = tiny_data(tok)
+    smooth_only = DuQuantConfig(rotate=False, permute=False, o_smooth="fold_v")
+    quantize_model(model, get_spec(model), calib, QuantConfig(8, 8, **EXACT), smooth_only, seed=0)
+    if kv_heads == 2:
+        with pytest.raises(export.ExportError, match="o_proj: transformers applies no compressed-tensors transforms"):
+            export.export_compressed_tensors(model, tok, tmp_path / "ct", {})
+        return
+    info, loaded = _export_and_load(model, tok, tmp_path / "ct")
+    flips, total = _code_flips(model, loaded, x)
+    assert info["lost"] == [] and total > 0 and flips <= 1e-4 * total
+    out, expected = _logits(loaded, x), _logits(model, x)
+    assert (out - expected).abs().max() <= 0.05 * expected.abs().max()
+
+
 def test_refusals_name_the_problem_and_write_nothing(tmp_path):
     duq, tok, _ = _quantized("llama", QuantConfig(4, 4, **EXACT), cfg=DuQuantConfig(block_size=32, max_rotation_step=4))
     with pytest.raises(export.ExportError, match="no compressed-tensors transforms"):
