@@ -254,6 +254,18 @@ def test_cli_exports_after_quantizing_and_after_load_alike(tmp_path, capsys):
     assert result["exported"]["dir"] == str(again) and result["exported"]["lost"]
 
 
+def test_streamed_model_exports_the_same_checkpoint(tmp_path):
+    fp, tok = tiny_model("qwen3_moe")
+    fp.save_pretrained(tmp_path / "fp")
+    tok.save_pretrained(tmp_path / "fp")
+    run = [*CLI, "--model", str(tmp_path / "fp"), "--method", "rtn", "--wbits", "4", "--abits", "16"]
+    for name, extra in (("streamed", ["--stream"]), ("in_memory", [])):
+        assert main.main([*run, *extra, "--output_dir", str(tmp_path / f"r_{name}"),
+                          "--export", "compressed-tensors", str(tmp_path / name)]) == 0
+    assert (tmp_path / "streamed" / "model.safetensors").read_bytes() == \
+        (tmp_path / "in_memory" / "model.safetensors").read_bytes()
+
+
 def test_cli_refuses_an_inexpressible_export_before_quantizing(tmp_path, capsys):
     out = tmp_path / "results"
     assert main.main([*CLI, "--method", "duquant", "--output_dir", str(out),
