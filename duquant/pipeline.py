@@ -93,9 +93,9 @@ def site_smoothing(x_absmax: torch.Tensor, readers: list[nn.Module], cfg: DuQuan
 
 
 def default_moe_smoothing(view: LayerView, stats: LayerStats, cfg: DuQuantConfig) -> torch.Tensor:
-    """DuQuant baseline: one vector from the MoE input's max and ALL readers' weights together."""
-    readers = view.moe_in_readers()
-    return site_smoothing(stats[view.router].absmax, smoothing_readers(cfg, readers, view.experts[0].up_proj), cfg)
+    """DuQuant baseline: one vector from the MoE input's max and ALL readers' weights together (the
+    published DuQuant code has no MoE input, so the "one_reader" rule has nothing to follow here)."""
+    return site_smoothing(stats[view.router].absmax, view.moe_in_readers(), cfg)
 
 
 def _scaled(w: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
