@@ -128,12 +128,15 @@ class LayerQuantizer:
         # on a GPU) run where the layer runs.
         self.device = torch.device(device)
         self.profile = profile  # record per-channel max |x| before/after the transforms (plots)
-        self.w_quant = WeightQuantizer(quant.wbits, quant.w_sym, quant.swc, quant.w_clip, quant.weight_with_zero,
-                                       quant.mse_grid)
+        self.w_quant = self.weight_quantizer(quant.wbits)
         self.sites_fitted = 0  # rotation sites fitted so far in this layer (numbers the redrawn seeds)
         # defer=True (GPTQ): QLinears keep their transformed FP weight; (QLinear, quantizer) pairs
         # are listed here and rounded by `gptq_layer` once their Hessians are known.
         self.deferred: list[tuple[QLinear, WeightQuantizer]] | None = [] if defer else None
+
+    def weight_quantizer(self, bits: int) -> WeightQuantizer:
+        q = self.q
+        return WeightQuantizer(bits, q.w_sym, q.swc, q.w_clip, q.weight_with_zero, q.mse_grid)
 
     def act_quant(self, bits: int | None = None) -> ActQuantizer:
         return ActQuantizer(self.q.abits if bits is None else bits, self.q.a_sym, self.q.lac, self.q.act_with_zero)
@@ -308,16 +311,15 @@ def quantize_layer(view: LayerView, stats: LayerStats, lq: LayerQuantizer) -> tu
     fp_router = copy.deepcopy(view.router)  # smoothing folded, nothing quantized: the FP reference
     router_w = view.router.weight.detach().float().cpu()  # alignment runs beside its CPU statistics
     router_w_t = t_shared.weight(router_w) if t_shared is not None else router_w
+    router_wq = lq.weight_quantizer(q.router_wbits)
     if lq.ext.quantize_router is not None and q.router_wbits < 16:
         x_t = t_shared.act(x_all) if t_shared is not None else x_all
         quantized, info["router_align"] = lq.ext.quantize_router(view, router_w_t, x_t, q)
         lq.wrap(view.mlp, _last(view, view.router), t_shared, bits=q.router_abits, quantized=quantized)
     else:
-        router_wq = WeightQuantizer(q.router_wbits, q.w_sym, q.swc, q.w_clip, q.weight_with_zero, q.mse_grid)
         lq.wrap(view.mlp, _last(view, view.router), t_shared, bits=q.router_abits, w_quant=router_wq)
     if view.shared_gate is not None:
-        lq.wrap(view.mlp, _last(view, view.shared_gate), t_shared, bits=q.router_abits,
-                w_quant=WeightQuantizer(q.router_wbits, q.w_sym, q.swc, q.w_clip, q.weight_with_zero, q.mse_grid))
+        lq.wrap(view.mlp, _last(view, view.shared_gate), t_shared, bits=q.router_abits, w_quant=router_wq)
     for sh in view.shared:
         lq.mlp(sh, t_shared, stats[sh.down_proj])
 

@@ -31,6 +31,8 @@ class InputStats:
         amax = x.abs().amax(0).float().cpu()
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
         self.count += x.shape[0]
+        if self.cap == 0:  # maxima only (the FP pre-pass): no sample to draw
+            return
         old = 0 if self._keys is None else self._keys.numel()
         keys = torch.rand(x.shape[0], generator=self.generator)
         keys = keys if self._keys is None else torch.cat([self._keys, keys])
