@@ -1,6 +1,6 @@
 """Method options as dataclasses, built once from the CLI and written verbatim into results.json.
 
-Defaults are the published DuQuant/EAQuant scripts' (DUQUANT.md); `None` bit widths inherit.
+Defaults are the published DuQuant/EAQuant scripts' (docs/algorithm.md); `None` bit widths inherit.
 """
 from __future__ import annotations
 

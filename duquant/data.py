@@ -1,6 +1,6 @@
 """Bundled text: perplexity sets built as GPTQ/DuQuant build them, and seeded calibration samplers.
 
-Everything reads `data/` in the repo (see data/README.md); nothing comes from a hub.
+Everything reads `data/` in the repo (see data/README_shared.md); nothing comes from a hub.
 WikiText-2 train does not exist here, so the default calibration text is C4 train.
 """
 from __future__ import annotations

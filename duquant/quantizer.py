@@ -2,7 +2,7 @@
 
 Reducing over the last dimension gives per-output-channel quantization for a weight
 [out, in] and per-token quantization for an activation [..., C], the two granularities
-DuQuant uses (DUQUANT.md section 4). Quantizers hold no transform state: rotations,
+DuQuant uses (docs/algorithm.md section 4). Quantizers hold no transform state: rotations,
 permutations and smoothing live in `duquant.transforms` and are applied before these.
 
 `fake_quant` is literally `dequantize(quantize(x, *quant_params(x)))`, so simulated

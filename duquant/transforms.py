@@ -1,4 +1,4 @@
-"""DuQuant's exactly invertible activation transforms (DUQUANT.md sections 2 and 3).
+"""DuQuant's exactly invertible activation transforms (docs/algorithm.md sections 2 and 3).
 
 Every transform has an activation side and a weight side with
 
@@ -157,7 +157,7 @@ def fit_smooth(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float = 
 def _spreading_matrix(b: int, seed: int, kind: str = "uniform") -> torch.Tensor:
     """Orthogonal b x b matrix whose first row spreads coordinate 0 over all b coordinates.
 
-    "uniform": first row exactly 1/sqrt(b) (coordinate 0 spread evenly; what DUQUANT.md describes),
+    "uniform": first row exactly 1/sqrt(b) (coordinate 0 spread evenly; what docs/algorithm.md describes),
     the other rows a seeded random orthogonal completion: QR of a random matrix whose first column is
     all ones makes Q's first column ones/sqrt(b) (up to sign, fixed here).
     "official": the published code's matrix, a fixed chain of Givens rotations (first row 1/sqrt(b))
@@ -314,7 +314,7 @@ def fit_block_rotations(
     xs: list[torch.Tensor], block_size: int = 128, max_steps: int = 256, seed: int | list[int] = 0,
     shared: bool = False, stop: str = "absmax", spreading: str = "uniform",
 ) -> list[BlockRotation]:
-    """Fit R1/R2 of DuQuant for several sites at once (DUQUANT.md section 3, step 1).
+    """Fit R1/R2 of DuQuant for several sites at once (docs/algorithm.md section 3, step 1).
 
     Every x [..., C] (same C; e.g. the inputs of all experts of a layer) gets its own rotation, as
     if fit alone; stacking their blocks into one search only saves the per-step overhead. The
