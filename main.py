@@ -39,10 +39,11 @@ from duquant.pipeline import Extensions, quantize_model
 from duquant.recipes import RECIPES, recipe_values
 from duquant.resume import check_readable, finished_layers
 from duquant.zeroshot import TASKS, check_tasks, evaluate_tasks
-from eaquant_ext.agq import affinity_weights
+from eaquant_ext.moequant.agq import affinity_weights
 from eaquant_ext.balance import balance_calibration
-from eaquant_ext.config import AGGREGATIONS, ALIGN_RULES, EXPERT_ACTS, EAQuantConfig, MoEQuantConfig
-from eaquant_ext.ebss import ebss_calibration
+from eaquant_ext.config import AGGREGATIONS, ALIGN_RULES, EXPERT_ACTS, EAQuantConfig
+from eaquant_ext.moequant.config import MoEQuantConfig
+from eaquant_ext.moequant.ebss import ebss_calibration
 from eaquant_ext.router_align import router_quantizer
 from eaquant_ext.smoothing import moe_smoothing
 from models import DEFAULT_MODEL, ModelLoadError, get_spec, load_model, resolve_model_name

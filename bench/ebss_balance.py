@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     from duquant.evaluate import perplexity
     from duquant.diagnostics import expert_balance_std
     from eaquant_ext.balance import routing_counts
-    from eaquant_ext.ebss import ebss_calibration
+    from eaquant_ext.moequant.ebss import ebss_calibration
     from models import get_spec, load_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -35,6 +35,9 @@ class ModelSpec:
     # The projection whose output rows are attn_out's input channels (per head), or None.
     attn_value: str | None = "self_attn.v_proj"
     attn: str = "self_attn"
+    # Norms inside attention and the projections reading each (MLA: q_a_layernorm -> q_b_proj), in
+    # forward order: (norm path, reader paths), relative to the layer.
+    inner_norms: tuple[tuple[str, tuple[str, ...]], ...] = ()
     mlp_norm: str = "post_attention_layernorm"
     mlp: str = "mlp"
     router: str | None = "gate"
@@ -96,6 +99,7 @@ class LayerView:
     dense: MLPView | None = None
     top_k: int = 0
     attn_value: nn.Linear | None = None
+    inner_norms: list[tuple[nn.Module, list[nn.Linear]]] = field(default_factory=list)
 
     @property
     def num_experts(self) -> int:
@@ -141,7 +145,7 @@ def decoder_layers(model: nn.Module, spec: ModelSpec) -> nn.ModuleList:
 
 
 def resolve(spec: ModelSpec, layer: nn.Module, config, index: int) -> LayerView:
-    """Resolve one decoder layer. Fused 3-D experts must be unfused first (`models.moe`)."""
+    """Resolve one decoder layer. Fused 3-D experts must be unfused first (models/experts.py)."""
     mlp = get_module(layer, spec.mlp)
     view = LayerView(
         index=index,
@@ -151,6 +155,7 @@ def resolve(spec: ModelSpec, layer: nn.Module, config, index: int) -> LayerView:
         attn_in=[get_module(layer, p) for p in spec.attn_in],
         attn_out=get_module(layer, spec.attn_out),
         attn_value=get_module(layer, spec.attn_value) if spec.attn_value is not None else None,
+        inner_norms=[(get_module(layer, n), [get_module(layer, r) for r in rs]) for n, rs in spec.inner_norms],
         mlp_norm=get_module(layer, spec.mlp_norm),
         mlp=mlp,
         is_moe=spec.is_moe_layer(config, index),
@@ -164,7 +169,7 @@ def resolve(spec: ModelSpec, layer: nn.Module, config, index: int) -> LayerView:
     if not isinstance(view.experts_module, nn.ModuleList):
         raise TypeError(
             f"layer {index}: experts are still fused ({type(view.experts_module).__name__}); "
-            "call models.moe.unfuse_experts(model, spec) before resolving"
+            "call models.experts.unfuse_experts(model, spec) before resolving"
         )
     view.experts = [MLPView(e) for e in view.experts_module]
     if spec.shared_experts is not None:

@@ -13,10 +13,10 @@ from duquant.data import calibration_segments, ppl_segments
 from duquant.gptq import Hessian, gptq_quantize
 from duquant.pipeline import Extensions, quantize_model
 from duquant.quantizer import WeightQuantizer
-from eaquant_ext.agq import approximation_cosine, affinity_weights, gate_approximation
+from eaquant_ext.moequant.agq import approximation_cosine, affinity_weights, gate_approximation
 from duquant.diagnostics import expert_balance_std
 from eaquant_ext.balance import routing_counts
-from eaquant_ext.ebss import ebss_calibration
+from eaquant_ext.moequant.ebss import ebss_calibration
 from models import get_spec, load_model
 
 from .helpers import outlier_model
