@@ -64,7 +64,7 @@ def distinct_inputs(mats: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
 
 def predict(model, spec, nsamples: int, seqlen: int, rotation_tokens: int, gptq: bool, cpu: bool,
             stream: bool = False) -> dict:
-    from duquant.pipeline import sites_per_search
+    from duquant.fitting import sites_per_search
     from models.spec import decoder_layers
 
     layers = decoder_layers(model, spec)

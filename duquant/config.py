@@ -103,6 +103,9 @@ class DuQuantConfig:
     rotation: str = "paper"  # "paper": per-block greedy on the outlier channel; "shared": the published code's one matrix
     rotation_tokens: int = 2048  # calibration rows kept per site for fitting rotations
     min_expert_tokens: int = 16  # below this an expert's transforms are fit on all MoE-input tokens
+    # Fit transforms even for sites left at 16 bits (normally skipped: nothing to protect). The FP
+    # exactness checks use it: every transform must leave the unquantized model unchanged.
+    fit_at_16_bits: bool = False
     # Fidelity choices (CHOICES; docs/fidelity.md says what each does and which one the published code makes).
     smooth_weight: str = "all_readers"  # max |W| per input channel over every reader of a site, or one reader
     smooth_stats: str = "quantized"  # activation max from inputs through the quantized layers, or the FP model
@@ -131,6 +134,15 @@ class DuQuantConfig:
         for name in CHOICES:
             if name not in QUANT_CHOICES:
                 check_choice(name, getattr(self, name))
+
+    @property
+    def fits_rotations(self) -> bool:
+        return self.rotate or self.permute
+
+    @property
+    def fits_transforms(self) -> bool:
+        """Whether any site needs calibration statistics (plain round-to-nearest needs none)."""
+        return self.smooth or self.fits_rotations
 
     @classmethod
     def rtn(cls) -> "DuQuantConfig":

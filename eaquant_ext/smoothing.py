@@ -16,7 +16,7 @@ from functools import partial
 import torch
 
 from duquant.config import DuQuantConfig
-from duquant.pipeline import site_smoothing, smoothing_readers
+from duquant.smoothing import site_smoothing, smoothing_readers
 from duquant.stats import LayerStats
 from models.spec import LayerView
 

@@ -10,7 +10,8 @@ from duquant import packed
 from duquant.config import CHOICES, QUANT_CHOICES, DuQuantConfig, QuantConfig
 from duquant.kvquant import KVQuant
 from duquant.fp_stats import fp_site_absmax
-from duquant.pipeline import mean_sequence, quantize_model
+from duquant.calibration import mean_sequence
+from duquant.pipeline import quantize_model
 from duquant.quantizer import WeightQuantizer, fake_quant, quant_params
 from duquant.recipes import RECIPES
 from duquant.stats import collect, hooked_sites
@@ -24,7 +25,7 @@ from .conftest import ALL_ARCHS
 from .helpers import gen, outlier_model, rel_err, tiny_data
 
 FP = QuantConfig(16, 16, 16, 16, 16)
-FAST = dict(block_size=32, max_rotation_step=16)
+FAST = dict(block_size=32, max_rotation_step=16, fit_at_16_bits=True)  # fit_at_16_bits: the FP checks fit transforms too
 
 
 def official(**overrides) -> DuQuantConfig:

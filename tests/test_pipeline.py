@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from duquant.config import DuQuantConfig, QuantConfig
-from duquant import pipeline
+from duquant import fitting, pipeline
 from duquant.pipeline import quantize_model
 from duquant.transforms import BlockRotation
 from models import get_spec
@@ -16,7 +16,7 @@ from .conftest import ALL_ARCHS
 from .helpers import outlier_model, rel_err, tiny_data
 
 FP = QuantConfig(16, 16, 16, 16, 16)
-FAST = dict(block_size=32, max_rotation_step=16)
+FAST = dict(block_size=32, max_rotation_step=16, fit_at_16_bits=True)  # fit_at_16_bits: the FP checks fit transforms too
 
 
 def _quantize(arch, quant, cfg, dtype=torch.float32):
@@ -128,7 +128,7 @@ def test_expert_rotations_fitted_in_several_searches_match_one(monkeypatch):
     """FIT_BATCH_ENTRIES splits the experts' joint rotation search (host memory at scale); each
     expert's transform must not depend on which experts shared its search."""
     whole = _quantize("mixtral", QuantConfig(4, 4), DuQuantConfig(**FAST))[2]
-    monkeypatch.setattr(pipeline, "FIT_BATCH_ENTRIES", 1)  # one site per search
+    monkeypatch.setattr(fitting, "FIT_BATCH_ENTRIES", 1)  # one site per search
     split = _quantize("mixtral", QuantConfig(4, 4), DuQuantConfig(**FAST))[2]
     torch.testing.assert_close(split, whole, rtol=0, atol=1e-6)  # bit-identical here
 

@@ -1,0 +1,94 @@
+"""The calibration activations that flow from layer to layer, and the statistics of one layer.
+
+Each decoder layer calibrates on the outputs of the layers before it (quantized, or FP with
+`propagation="fp"`), so the inputs are captured once at layer 0 and then advanced layer by layer
+(docs/algorithm.md, section 5).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from models.experts import route_all_tokens
+from models.spec import LayerView, ModelSpec
+
+from .config import DuQuantConfig
+from .fp_stats import fp_site_absmax
+from .layerwise import advance, capture_layer_inputs, observe
+from .stats import LayerStats, collect, hooked_sites, replace_absmax, routed_expert_inputs, take_rotation_rows
+
+
+@dataclass
+class Calibration:
+    """What flows from layer to layer: the calibration inputs, expert-only extra sequences, and
+    (`rotation_data="mean"`) the one mean sequence the rotations are fit on; `fp_absmax` holds the
+    FP model's per-site maxima when smoothing reads them (`smooth_stats="fp"`)."""
+
+    inps: list[torch.Tensor]
+    kwargs: dict
+    extra: list[torch.Tensor]
+    rot: list[torch.Tensor]
+    fp_absmax: list[dict[str, torch.Tensor]] | None = None
+
+
+def mean_sequence(inps: list[torch.Tensor]) -> torch.Tensor:
+    """The element-wise mean of the calibration sequences [1, T, C] (the published code's rotation data)."""
+    total = sum(x.float() for x in inps)
+    return (total / len(inps)).to(inps[0].dtype)
+
+
+def calibration(model, spec: ModelSpec, calib_ids: torch.Tensor, extra_ids: torch.Tensor | None,
+                cfg: DuQuantConfig, device: torch.device, route_all: bool) -> Calibration:
+    fp_absmax = None
+    if cfg.smooth and cfg.smooth_stats == "fp":  # before capturing, so one copy of the activations exists at a time
+        fp_absmax = fp_site_absmax(model, spec, calib_ids, extra_ids, device, route_all)
+    inps, kwargs = capture_layer_inputs(model, spec, calib_ids, device, batch_size=1)
+    extra = capture_layer_inputs(model, spec, extra_ids, device, 1)[0] if extra_ids is not None else []
+    rot = [mean_sequence(inps)] if cfg.rotation_data == "mean" and cfg.fits_rotations else []
+    return Calibration(inps, kwargs, extra, rot, fp_absmax)
+
+
+def rotation_sequence(data: Calibration, cfg: DuQuantConfig) -> list[torch.Tensor]:
+    """The sequence(s) this layer's rotations are fit on: the propagated mean sequence ("mean"), the
+    mean of this layer's calibration inputs ("layer_mean", the published EAQuant code), or none."""
+    if cfg.rotation_data == "layer_mean" and cfg.fits_rotations:
+        return [mean_sequence(data.inps)]
+    return data.rot
+
+
+def layer_statistics(model, spec: ModelSpec, layer: nn.Module, view: LayerView, data: Calibration,
+                     cfg: DuQuantConfig, seed: int, route_all: bool) -> tuple[LayerStats, dict]:
+    """Hooked FP pass of one layer over the calibration inputs (and the expert-only extra data);
+    then the maxima and rotation rows are swapped in from the FP model / mean sequence if asked."""
+    info: dict = {}
+
+    def routing():
+        return route_all_tokens(model, spec, enabled=route_all and view.is_moe, layer=view.index)
+
+    with collect(hooked_sites(view), view.router, view.num_experts, cfg.rotation_tokens, seed, view.routing) as stats, \
+            routing():
+        observe(layer, data.inps, data.kwargs)
+        if data.extra and view.is_moe:
+            stats.frozen = {m for m in stats.inputs if m not in routed_expert_inputs(view)} | {None}
+            observe(layer, data.extra, data.kwargs)
+    if data.extra and view.is_moe:
+        info["expert_tokens_balanced"] = [stats[e.gate_proj].count for e in view.experts]
+    if data.fp_absmax is not None:
+        replace_absmax(stats, layer, data.fp_absmax[view.index])
+    rot = rotation_sequence(data, cfg)
+    if rot:
+        with collect(hooked_sites(view), None, 0, rot[0].shape[1], seed) as rows, routing():
+            observe(layer, rot, data.kwargs)
+        take_rotation_rows(stats, rows)
+    return stats, info
+
+
+def fp_outputs(layer: nn.Module, data: Calibration, cfg: DuQuantConfig) -> tuple[list, list] | None:
+    """With `propagation="fp"` (the published EAQuant code), the next layer calibrates on this
+    layer's FP outputs: computed before the layer is quantized, on copies of its inputs."""
+    if cfg.propagation != "fp":
+        return None
+    inps = advance(layer, [x.clone() for x in data.inps], data.kwargs)
+    return inps, advance(layer, [x.clone() for x in data.extra], data.kwargs)
