@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from models.routing import RoutingFunction
 from models.spec import LayerView
 
 
@@ -62,9 +63,12 @@ class InputStats:
 
 @dataclass
 class RouterStats:
-    """Tokens per expert and the router's FP routing probabilities' running sum."""
+    """Tokens per expert and the running sum of the router's FP routing probabilities (the family's
+    probabilities, `models/routing.py`; without a routing function, the softmax of the logits of a
+    router returning (logits, weights, index), as every family did before routing functions)."""
 
     num_experts: int
+    routing: RoutingFunction | None = None
     counts: torch.Tensor = None
     prob_sum: torch.Tensor = None
     tokens: int = 0
@@ -74,9 +78,13 @@ class RouterStats:
         self.prob_sum = torch.zeros(self.num_experts, dtype=torch.float64)
 
     def update(self, output) -> None:
-        logits, _, index = output
+        if self.routing is not None:
+            logits, probs, index, _ = self.routing.from_output(output)
+        else:
+            logits, _, index = output
+            probs = logits.float().softmax(-1)
         self.counts += torch.bincount(index.reshape(-1).cpu(), minlength=self.num_experts)
-        self.prob_sum += logits.float().softmax(-1).sum(0).double().cpu()
+        self.prob_sum += probs.sum(0).double().cpu()
         self.tokens += logits.shape[0]
 
 

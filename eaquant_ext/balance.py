@@ -15,14 +15,15 @@ import torch
 from tqdm import tqdm
 
 from duquant.layerwise import advance, capture_layer_inputs, layer_on
-from models.spec import ModelSpec, decoder_layers, get_module
+from models.spec import ModelSpec, decoder_layers, get_module, layer_routing
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def routing_counts(model, spec: ModelSpec, ids: torch.Tensor, device="cpu") -> torch.Tensor:
-    """Routed tokens per (sequence, MoE layer, expert) under the FP model: [S, L_moe, E]."""
+    """Routed tokens per (sequence, MoE layer, expert) under the FP model: [S, L_moe, E], as the
+    family's routing function chooses them (`models/routing.py`)."""
     device = torch.device(device)
     hidden, kwargs = capture_layer_inputs(model, spec, ids, device, batch_size=1)
     per_layer = []
@@ -30,10 +31,10 @@ def routing_counts(model, spec: ModelSpec, ids: torch.Tensor, device="cpu") -> t
         with layer_on(model, spec, i, device) as layer:
             if spec.is_moe_layer(model.config, i):
                 router = get_module(layer, f"{spec.mlp}.{spec.router}")
-                n_exp = getattr(model.config, spec.num_experts_attr)
+                routing = layer_routing(spec, model.config, layer, i)
                 seen: list[torch.Tensor] = []
-                handle = router.register_forward_hook(
-                    lambda m, a, out: seen.append(torch.bincount(out[2].reshape(-1).cpu(), minlength=n_exp)))
+                handle = router.register_forward_hook(lambda m, a, out, routing=routing: seen.append(
+                    torch.bincount(routing.from_output(out).index.reshape(-1).cpu(), minlength=routing.num_experts)))
                 hidden = advance(layer, hidden, kwargs)
                 handle.remove()
                 per_layer.append(torch.stack(seen))

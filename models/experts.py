@@ -14,9 +14,15 @@ import torch.nn as nn
 
 from .spec import ModelSpec, decoder_layers, get_module, set_module
 
+# The 3-D tensors of a fused experts module, emptied once unfused (the shell keeps only its config).
+FUSED_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+
 
 class ExpertMLP(nn.Module):
-    """One SwiGLU expert: down(act(gate(x)) * up(x))."""
+    """One SwiGLU expert: down(act(gate(x)) * up(x)). Its down input is linear in up's rows, so
+    down-in smoothing folds into them (models/sites.py "up_rows")."""
+
+    down_input_foldable = True
 
     def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, act_fn):
         super().__init__()
@@ -24,6 +30,28 @@ class ExpertMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ClampedSwiGLUExpert(nn.Module):
+    """gpt-oss's expert: down((clamp(up, +-limit) + 1) * g sigmoid(alpha g)), g = min(gate, limit),
+    with biases on every projection. The clamp and the +1 make the down input non-linear in up's
+    rows, so down-in smoothing cannot be folded there (it is applied online)."""
+
+    down_input_foldable = False
+
+    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, alpha: float, limit: float):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self.alpha, self.limit = alpha, limit
+
+    def act_fn(self, gate: torch.Tensor) -> torch.Tensor:
+        """The gate's activation, which MoEQuant's AGQ diagnostic reads as the expert's `act_fn`."""
+        gate = gate.clamp(max=self.limit)
+        return gate * torch.sigmoid(gate * self.alpha)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)
+        return self.down_proj((up + 1) * self.act_fn(self.gate_proj(x)))
 
 
 class LinearExperts(nn.ModuleList):
@@ -58,34 +86,50 @@ class LinearExperts(nn.ModuleList):
         return out
 
 
-def _split_fused(fused: nn.Module) -> list[ExpertMLP]:
-    if getattr(fused, "has_bias", False):
-        raise NotImplementedError(f"{type(fused).__name__}: fused experts with biases are not supported")
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    lin.weight = nn.Parameter(weight.clone(), requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.clone(), requires_grad=False)
+    return lin
+
+
+def _split_gate_up(fused: nn.Module, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate and up halves along dim 1: [gate; up] (concatenated) or gate0, up0, gate1, ... (gpt-oss)."""
+    if getattr(fused, "is_concatenated", True):
+        return t.chunk(2, dim=1)
+    return t[:, 0::2], t[:, 1::2]
+
+
+def _expert(fused: nn.Module, kind: str, lins: list[nn.Linear]) -> nn.Module:
+    if kind == "clamped_swiglu":
+        return ClampedSwiGLUExpert(*lins, alpha=fused.alpha, limit=fused.limit)
+    return ExpertMLP(*lins, act_fn=fused.act_fn)
+
+
+def _split_fused(fused: nn.Module, kind: str) -> list[nn.Module]:
+    """Per-expert linears from 3-D experts (`[E, out, in]`, or `[E, in, out]` when `is_transposed`),
+    with their biases (`gate_up_proj_bias [E, 2I]`, `down_proj_bias [E, H]`) when `has_bias`."""
     gate_up, down = fused.gate_up_proj.data, fused.down_proj.data
     if getattr(fused, "is_transposed", False):
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-    n_exp, two_i, hidden = gate_up.shape
-    inter = two_i // 2
-    if getattr(fused, "is_concatenated", True):
-        gates, ups = gate_up[:, :inter], gate_up[:, inter:]
-    else:
-        gates, ups = gate_up[:, 0::2], gate_up[:, 1::2]
-    experts = []
-    for e in range(n_exp):
-        lin = [nn.Linear(hidden, inter, bias=False), nn.Linear(hidden, inter, bias=False), nn.Linear(inter, hidden, bias=False)]
-        for layer, w in zip(lin, (gates[e], ups[e], down[e])):
-            layer.weight = nn.Parameter(w.clone(), requires_grad=False)
-        experts.append(ExpertMLP(*lin, act_fn=fused.act_fn))
-    return experts
+    gates, ups = _split_gate_up(fused, gate_up)
+    has_bias = getattr(fused, "has_bias", False)
+    n_exp = gate_up.shape[0]
+    gate_b, up_b = _split_gate_up(fused, fused.gate_up_proj_bias.data) if has_bias else ([None] * n_exp,) * 2
+    down_b = fused.down_proj_bias.data if has_bias else [None] * n_exp
+    return [_expert(fused, kind, [_linear(gates[e], gate_b[e]), _linear(ups[e], up_b[e]), _linear(down[e], down_b[e])])
+            for e in range(n_exp)]
 
 
 def _as_linear_experts(module: nn.Module, spec: ModelSpec) -> LinearExperts:
     if isinstance(module, LinearExperts):
         return module
     if hasattr(module, "gate_up_proj"):
-        linear = LinearExperts(_split_fused(module))
-        module.gate_up_proj = nn.Parameter(torch.empty(0), requires_grad=False)
-        module.down_proj = nn.Parameter(torch.empty(0), requires_grad=False)
+        linear = LinearExperts(_split_fused(module, spec.expert_kind))
+        for name in FUSED_TENSORS:
+            if hasattr(module, name):
+                setattr(module, name, nn.Parameter(torch.empty(0), requires_grad=False))
         linear.__dict__["_fused_shell"] = module
         return linear
     gate, up = spec.mlp_in
@@ -123,18 +167,28 @@ def fuse_experts(model: nn.Module, spec: ModelSpec) -> None:
         shell = getattr(linear, "_fused_shell", None)
         if shell is None:
             continue
-        gates = torch.stack([e.gate_proj.weight.data for e in linear])
-        ups = torch.stack([e.up_proj.weight.data for e in linear])
-        down = torch.stack([e.down_proj.weight.data for e in linear])
-        if getattr(shell, "is_concatenated", True):
-            gate_up = torch.cat([gates, ups], dim=1)
-        else:
-            gate_up = torch.stack([gates, ups], dim=2).flatten(1, 2)
+        gate_up = _join_gate_up(shell, _stacked(linear, "gate_proj", "weight"), _stacked(linear, "up_proj", "weight"))
+        down = _stacked(linear, "down_proj", "weight")
         if getattr(shell, "is_transposed", False):
             gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-        shell.gate_up_proj = nn.Parameter(gate_up.contiguous(), requires_grad=False)
-        shell.down_proj = nn.Parameter(down.contiguous(), requires_grad=False)
+        tensors = {"gate_up_proj": gate_up, "down_proj": down}
+        if getattr(shell, "has_bias", False):
+            tensors["gate_up_proj_bias"] = _join_gate_up(shell, _stacked(linear, "gate_proj", "bias"),
+                                                         _stacked(linear, "up_proj", "bias"))
+            tensors["down_proj_bias"] = _stacked(linear, "down_proj", "bias")
+        for name, t in tensors.items():
+            setattr(shell, name, nn.Parameter(t.contiguous(), requires_grad=False))
         set_module(layers, path, shell)
+
+
+def _stacked(experts: LinearExperts, proj: str, tensor: str) -> torch.Tensor:
+    return torch.stack([getattr(getattr(e, proj), tensor).data for e in experts])
+
+
+def _join_gate_up(shell: nn.Module, gates: torch.Tensor, ups: torch.Tensor) -> torch.Tensor:
+    if getattr(shell, "is_concatenated", True):
+        return torch.cat([gates, ups], dim=1)
+    return torch.stack([gates, ups], dim=2).flatten(1, 2)
 
 
 @contextmanager

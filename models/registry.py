@@ -1,6 +1,9 @@
 """One adapter per architecture, keyed by the Hugging Face class name in `config.architectures`."""
 from __future__ import annotations
 
+from typing import Callable
+
+from . import routing
 from .deepseek_moe import is_moe_layer as _deepseek_is_moe
 from .spec import ModelSpec, always_moe, never_moe
 
@@ -31,8 +34,63 @@ DEEPSEEK_MOE = ModelSpec(
     num_experts_attr="n_routed_experts",
 )
 LLAMA = ModelSpec(name="llama", router=None, experts=None, is_moe_layer=never_moe)
+QWEN2 = ModelSpec(name="qwen2", router=None, experts=None, is_moe_layer=never_moe)
+QWEN3 = ModelSpec(name="qwen3", router=None, experts=None, is_moe_layer=never_moe)
 
-SPECS: dict[str, ModelSpec] = {
+
+def _after_dense_prefix(config, i: int) -> bool:
+    """DeepSeek-V2/V3, GLM-4.5, dots1: the first `first_k_dense_replace` layers are dense."""
+    return i >= config.first_k_dense_replace
+
+
+def _ernie_is_moe(config, i: int) -> bool:
+    """ERNIE 4.5: every `moe_layer_interval`-th layer within [moe_layer_start_index, moe_layer_end_index]."""
+    return (i + 1) % config.moe_layer_interval == 0 and config.moe_layer_start_index <= i <= config.moe_layer_end_index
+
+
+MLA_KV = ("MLA caches the compressed latent (kv_a_layernorm's output and the shared RoPE key), not per-head "
+          "K/V; quantizing that latent cache is not implemented, so --kv_bits must stay 16")
+SINKS_KV = ("its attention sinks need the eager attention path, which --kv_bits' quantized SDPA attention "
+            "(duquant/kvquant.py) would replace; --kv_bits must stay 16")
+
+
+def _mla(name: str, q_lora: bool, **kw) -> ModelSpec:
+    """DeepSeek-V2/V3 multi-head latent attention. q_a_proj (or q_proj without a query LoRA) and
+    kv_a_proj_with_mqa read input_layernorm; q_b_proj reads q_a_layernorm and kv_b_proj reads
+    kv_a_layernorm (inner norm sites). o_proj's input channels are heads of kv_b_proj's value half,
+    not one v_proj row each, so o-in smoothing is applied online (attn_value None)."""
+    q_in = "self_attn.q_a_proj" if q_lora else "self_attn.q_proj"
+    inner = (("self_attn.q_a_layernorm", ("self_attn.q_b_proj",)),) if q_lora else ()
+    return ModelSpec(
+        name=name, attn_in=(q_in, "self_attn.kv_a_proj_with_mqa"), attn_value=None,
+        inner_norms=inner + (("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",)),),
+        shared_experts="shared_experts", is_moe_layer=_after_dense_prefix, num_experts_attr="n_routed_experts",
+        kv_quant_unsupported=MLA_KV, **kw)
+
+
+def _mla_variant(**kw) -> Callable[[object], ModelSpec]:
+    """The adapter of an MLA checkpoint: with or without a query LoRA (DeepSeek-V2-Lite has none)."""
+    with_lora, without = _mla(q_lora=True, **kw), _mla(q_lora=False, **kw)
+    return lambda config: with_lora if config.q_lora_rank is not None else without
+
+
+GLM4_MOE = ModelSpec(name="glm4_moe", shared_experts="shared_experts", is_moe_layer=_after_dense_prefix,
+                     num_experts_attr="n_routed_experts", routing=routing.sigmoid_grouped)
+DOTS1 = ModelSpec(name="dots1", shared_experts="shared_experts", is_moe_layer=_after_dense_prefix,
+                  num_experts_attr="n_routed_experts", routing=routing.sigmoid_grouped)
+GPT_OSS = ModelSpec(name="gpt_oss", router="router", expert_kind="clamped_swiglu",
+                    routing=routing.top_logits_softmax, kv_quant_unsupported=SINKS_KV)
+ERNIE4_5_MOE = ModelSpec(name="ernie4_5_moe", shared_experts="shared_experts", is_moe_layer=_ernie_is_moe,
+                         num_experts_attr="num_experts", routing=routing.softmax_biased)
+GRANITEMOE = ModelSpec(name="granitemoe", mlp="block_sparse_moe", router="router",
+                       routing=routing.top_logits_softmax)
+MINIMAX_M2 = ModelSpec(name="minimax_m2", routing=routing.sigmoid_block_biased)
+HUNYUAN_V1_MOE = ModelSpec(name="hunyuan_v1_moe", router="gate.wg", shared_experts="shared_mlp",
+                           num_experts_attr="num_experts", top_k_attr="moe_topk",
+                           routing=routing.softmax_topk_of_logits)
+
+# A class name maps to its adapter, or to a function of the config choosing between variants.
+SPECS: dict[str, ModelSpec | Callable[[object], ModelSpec]] = {
     "MixtralForCausalLM": MIXTRAL,
     "OlmoeForCausalLM": OLMOE,
     "Qwen2MoeForCausalLM": QWEN2_MOE,
@@ -41,6 +99,17 @@ SPECS: dict[str, ModelSpec] = {
     "DeepseekForCausalLM": DEEPSEEK_MOE,
     "LlamaForCausalLM": LLAMA,
     "MistralForCausalLM": LLAMA,
+    "Qwen2ForCausalLM": QWEN2,
+    "Qwen3ForCausalLM": QWEN3,
+    "DeepseekV3ForCausalLM": _mla_variant(name="deepseek_v3", routing=routing.sigmoid_grouped),
+    "DeepseekV2ForCausalLM": _mla_variant(name="deepseek_v2", routing=routing.softmax_grouped_scaled),
+    "Glm4MoeForCausalLM": GLM4_MOE,
+    "Dots1ForCausalLM": DOTS1,
+    "GptOssForCausalLM": GPT_OSS,
+    "Ernie4_5_MoeForCausalLM": ERNIE4_5_MOE,
+    "GraniteMoeForCausalLM": GRANITEMOE,
+    "MiniMaxM2ForCausalLM": MINIMAX_M2,
+    "HunYuanMoEV1ForCausalLM": HUNYUAN_V1_MOE,
 }
 
 
@@ -49,4 +118,5 @@ def get_spec(model) -> ModelSpec:
     name = type(model).__name__
     if name not in SPECS:
         raise ValueError(f"unsupported model class {name}; supported: {', '.join(sorted(SPECS))}")
-    return SPECS[name]
+    spec = SPECS[name]
+    return spec if isinstance(spec, ModelSpec) else spec(model.config)

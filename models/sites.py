@@ -13,7 +13,9 @@ Fold kinds (docs/algorithm.md, section 2):
     "v_rows"  the attention output, a per-channel mix of V: v_proj rows / s where every o_proj input
               channel is one v_proj output channel (multi-head attention), else applied online;
     "moe_in"  a routed expert's input is the MoE input: its smoothing is the MoE-input site's vector
-              (already folded into the norm), only its rotation is its own.
+              (already folded into the norm), only its rotation is its own;
+    "online"  nothing produces the input linearly (e.g. a clamped activation before down_proj):
+              smoothing joins the online transform.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch.nn as nn
 
 from .spec import LayerView, MLPView
 
-FOLDS = ("norm", "up_rows", "v_rows", "moe_in")
+FOLDS = ("norm", "up_rows", "v_rows", "moe_in", "online")
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +63,8 @@ the MoE input, which the published DuQuant code does not have). `expert` numbers
 
 
 def _down_site(name: str, mlp: MLPView, expert: int | None = None) -> Site:
+    if not mlp.down_input_foldable:
+        return Site(name, (mlp.down_proj,), "online", None, mlp.down_proj, expert=expert, mlp=mlp)
     return Site(name, (mlp.down_proj,), "up_rows", mlp.up_proj, mlp.down_proj, expert=expert, mlp=mlp)
 
 

@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch.nn as nn
 
+from .routing import RoutingBuilder, RoutingFunction, softmax_topk
+
 
 def always_moe(config, layer_idx: int) -> bool:
     return True
@@ -48,9 +50,18 @@ class ModelSpec:
     shared_experts: str | None = None
     shared_expert_gate: str | None = None
     is_moe_layer: Callable = always_moe
-    # Config attribute names for the expert count and top-k, which differ between families.
+    # Config attribute names for the expert count and top-k, which differ between families (a list
+    # value is read per layer: HunYuan).
     num_experts_attr: str = "num_local_experts"
     top_k_attr: str = "num_experts_per_tok"
+    # How an unfused expert computes (models/experts.py): "swiglu" down(act(gate) * up), or gpt-oss's
+    # "clamped_swiglu" with biases.
+    expert_kind: str = "swiglu"
+    # (config, MoE block, router, top_k) -> the layer's routing function (models/routing.py).
+    routing: RoutingBuilder = softmax_topk
+    # Why --kv_bits < 16 cannot be honoured for this family (None: duquant/kvquant.py applies), e.g.
+    # MLA caches a latent rather than per-head K/V; the CLI refuses with this reason.
+    kv_quant_unsupported: str | None = None
 
 
 @dataclass
@@ -77,6 +88,11 @@ class MLPView:
     def in_projs(self) -> list[nn.Module]:
         return [self.gate_proj, self.up_proj]
 
+    @property
+    def down_input_foldable(self) -> bool:
+        """Whether down's input is linear in up's rows (models/experts.py; plain SwiGLU MLPs are)."""
+        return getattr(self.module, "down_input_foldable", True)
+
 
 @dataclass
 class LayerView:
@@ -98,6 +114,7 @@ class LayerView:
     shared_gate: nn.Linear | None = None
     dense: MLPView | None = None
     top_k: int = 0
+    routing: RoutingFunction | None = None
     attn_value: nn.Linear | None = None
     inner_norms: list[tuple[nn.Module, list[nn.Linear]]] = field(default_factory=list)
 
@@ -124,6 +141,23 @@ def moe_routers(model: nn.Module, spec: ModelSpec) -> list[nn.Module]:
     """The router of every MoE layer, in layer order (dense layers have none)."""
     return [get_module(layer, f"{spec.mlp}.{spec.router}") for i, layer in enumerate(decoder_layers(model, spec))
             if spec.is_moe_layer(model.config, i)]
+
+
+def top_k_of(spec: ModelSpec, config, index: int) -> int:
+    value = getattr(config, spec.top_k_attr)
+    return value[index] if isinstance(value, (list, tuple)) else value
+
+
+def layer_routing(spec: ModelSpec, config, layer: nn.Module, index: int) -> RoutingFunction:
+    """The routing function of MoE layer `index` (needs no unfused experts)."""
+    mlp = get_module(layer, spec.mlp)
+    return spec.routing(config, mlp, get_module(mlp, spec.router), top_k_of(spec, config, index))
+
+
+def moe_routings(model: nn.Module, spec: ModelSpec) -> list[tuple[nn.Module, RoutingFunction]]:
+    """(router, routing function) of every MoE layer, in layer order."""
+    return [(get_module(layer, f"{spec.mlp}.{spec.router}"), layer_routing(spec, model.config, layer, i))
+            for i, layer in enumerate(decoder_layers(model, spec)) if spec.is_moe_layer(model.config, i)]
 
 
 def owner(root: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -164,7 +198,8 @@ def resolve(spec: ModelSpec, layer: nn.Module, config, index: int) -> LayerView:
         view.dense = _mlp_view(spec, mlp)
         return view
     view.router = get_module(mlp, spec.router)
-    view.top_k = getattr(config, spec.top_k_attr)
+    view.top_k = top_k_of(spec, config, index)
+    view.routing = layer_routing(spec, config, layer, index)
     view.experts_module = get_module(mlp, spec.experts)
     if not isinstance(view.experts_module, nn.ModuleList):
         raise TypeError(

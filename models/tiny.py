@@ -35,6 +35,52 @@ TINY = {
     ),
     "llama": dict(model_type="llama", intermediate_size=96),
     "mistral": dict(model_type="mistral", intermediate_size=96),
+    "qwen2": dict(model_type="qwen2", intermediate_size=96),
+    "qwen3": dict(model_type="qwen3", intermediate_size=96, head_dim=16),
+    # MLA with a query LoRA, 8 experts in 4 groups (2 kept per token), scaled sigmoid routing.
+    "deepseek_v3": dict(
+        model_type="deepseek_v3", num_hidden_layers=3, num_key_value_heads=4, intermediate_size=96,
+        moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4,
+        topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5, q_lora_rank=32, kv_lora_rank=32,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+    ),
+    # MLA without a query LoRA (V2-Lite), group-limited greedy softmax routing (one group kept, so the
+    # limit changes choices: with as many groups kept as experts chosen, it never does).
+    "deepseek_v2": dict(
+        model_type="deepseek_v2", num_hidden_layers=3, num_key_value_heads=4, intermediate_size=96,
+        moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4,
+        topk_group=1, topk_method="group_limited_greedy", first_k_dense_replace=1, routed_scaling_factor=1.5,
+        q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+    ),
+    "glm4_moe": dict(
+        model_type="glm4_moe", num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+        first_k_dense_replace=1, routed_scaling_factor=1.5, use_qk_norm=True, head_dim=16, attention_bias=True,
+    ),
+    "dots1": dict(
+        model_type="dots1", num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+        first_k_dense_replace=1, routed_scaling_factor=1.5, head_dim=16,
+    ),
+    # Alternating sliding-window / full attention with sinks, expert biases, clamped SwiGLU.
+    "gpt_oss": dict(
+        model_type="gpt_oss", intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+        layer_types=["sliding_attention", "full_attention"], sliding_window=8,
+        rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, original_max_position_embeddings=16,
+                             beta_fast=32.0, beta_slow=1.0, truncate=False),
+    ),
+    "ernie4_5_moe": dict(
+        model_type="ernie4_5_moe", num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=48,
+        moe_num_experts=4, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_interval=1,
+        moe_layer_end_index=2,
+    ),
+    "granitemoe": dict(model_type="granitemoe", intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
+    "minimax_m2": dict(
+        model_type="minimax_m2", intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+    ),
+    "hunyuan_v1_moe": dict(
+        model_type="hunyuan_v1_moe", intermediate_size=48, num_experts=4, moe_topk=2, head_dim=16,
+    ),
 }
 
 

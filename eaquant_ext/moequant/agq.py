@@ -1,7 +1,9 @@
 """MoEQuant's affinity-guided quantization (AGQ), as the pipeline's `Extensions.hessian_weights` hook.
 
 An MoE layer outputs sum_i c_i E_i(x), where c_i is the router's score (affinity) of token x for
-expert i, the weight that multiplies the expert's output (MoEQuant Eq. 1, 15). A token that barely
+expert i, the weight that multiplies the expert's output (MoEQuant Eq. 1, 15). It is read where the
+block hands it to its experts, so it is the family's own routing weight (models/routing.py):
+renormalised softmax for Mixtral, sigmoid scores times routed_scaling_factor for DeepSeek-V3. A token that barely
 uses an expert should barely shape that expert's quantization, so the layer-wise GPTQ loss of a
 linear inside expert i becomes (Eq. 18, 19)
     L(Q) = sum_t c_t || W x_t - Q x_t ||^2,      H = 2 X^T diag(c) X,

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from duquant.diagnostics import expert_balance_std
 from models.files import write_file_atomically
-from models.spec import ModelSpec, moe_routers
+from models.routing import RoutingFunction
+from models.spec import ModelSpec, moe_routings
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = Path("results") / "ebss_cache"
@@ -40,15 +41,17 @@ def beam_balance_std(counts: torch.Tensor, tokens: int) -> torch.Tensor:
 
 
 class _RoutingCounter:
-    """Router hooks adding each fed token's experts to its row's counts [rows, L, E]."""
+    """Router hooks adding each fed token's experts (as the family's routing function chooses them,
+    `models/routing.py`) to its row's counts [rows, L, E]."""
 
-    def __init__(self, routers: list, num_experts: int, rows: int, device):
+    def __init__(self, routers: list[tuple[torch.nn.Module, RoutingFunction]], num_experts: int, rows: int, device):
         self.counts = torch.zeros(rows, len(routers), num_experts, dtype=torch.long, device=device)
-        self.handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(routers)]
+        self.handles = [r.register_forward_hook(self._hook(i, routing)) for i, (r, routing) in enumerate(routers)]
 
-    def _hook(self, layer: int):
+    def _hook(self, layer: int, routing: RoutingFunction):
         def hook(module, args, out):
-            index = out[2].reshape(self.counts.shape[0], -1, out[2].shape[-1])  # [rows, new tokens, k]
+            chosen = routing.from_output(out).index
+            index = chosen.reshape(self.counts.shape[0], -1, chosen.shape[-1])  # [rows, new tokens, k]
             flat = index.reshape(self.counts.shape[0], -1)
             self.counts[:, layer].scatter_add_(1, flat, torch.ones_like(flat))
         return hook
@@ -75,7 +78,7 @@ def ebss_generate(model, spec: ModelSpec, nsamples: int, seqlen: int, tau: float
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     vocab = model.get_output_embeddings().weight.shape[0]
-    routers = moe_routers(model, spec)
+    routers = moe_routings(model, spec)
     num_experts = getattr(model.config, spec.num_experts_attr)
     top_k = getattr(model.config, spec.top_k_attr)
     banned = torch.tensor(sorted(set(banned_ids) & set(range(vocab))), dtype=torch.long, device=device)

@@ -1,0 +1,148 @@
+"""The families added beyond the paper's four (docs/families.md): each loads, unfuses exactly, declares a
+site for every linear, routes as its own MoE block does, stays exact through DuQuant at 16 bits, and
+(for a few) runs W4A4 end to end. Not in conftest.ALL_ARCHS, which parametrizes the slower suites."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import main
+from duquant.pipeline import quantize_model
+from models import get_spec, resolve
+from models.experts import unfuse_experts
+from models.registry import MLA_KV
+from models.routing import unwrapped
+from models.sites import layer_sites
+from models.spec import decoder_layers
+from models.tiny import tiny_model
+
+from .helpers import outlier_model, rel_err, tiny_data
+from .test_fidelity import FP, official
+
+MOE_FAMILIES = ["deepseek_v3", "deepseek_v2", "glm4_moe", "dots1", "gpt_oss", "ernie4_5_moe", "granitemoe",
+                "minimax_m2", "hunyuan_v1_moe"]
+FAMILIES = MOE_FAMILIES + ["qwen2", "qwen3"]
+# Routers that compute their logits in float32 whatever the model's dtype (DeepSeek-V3's, ERNIE's,
+# HunYuan's), so a float64 model is exact only to float32 rounding of the logits.
+FP64_TOL = 1e-6
+
+
+def _biased(model: nn.Module) -> nn.Module:
+    """Random correction biases: they are zeros at init, which would hide a routing that ignores them."""
+    with torch.no_grad():
+        for name, t in list(model.named_buffers()) + list(model.named_parameters()):
+            if name.endswith("e_score_correction_bias"):
+                t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    return model
+
+
+def _views(model: nn.Module):
+    spec = get_spec(model)
+    unfuse_experts(model, spec)
+    return [resolve(spec, layer, model.config, i) for i, layer in enumerate(decoder_layers(model, spec))]
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_unfusing_is_exact_and_every_linear_is_a_site_reader(arch):
+    model, _ = tiny_model(arch, dtype=torch.float64)
+    _biased(model)
+    ids = torch.randint(0, 8192, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        views = _views(model)
+        out = model(ids).logits
+    assert (out - ref).abs().max().item() < 1e-12
+    assert any(v.is_moe for v in views) == (arch in MOE_FAMILIES)
+    for view in views:
+        covered = {r for site in layer_sites(view) for r in site.smoothing_readers}
+        linears = {n for n, m in view.layer.named_modules() if isinstance(m, nn.Linear) and m not in covered}
+        assert not linears, f"layer {view.index}: {sorted(linears)} belong to no site"
+
+
+def _sorted(index: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    order = index.argsort(-1)
+    return index.gather(-1, order), weights.gather(-1, order)
+
+
+def _block_routing(view, x: torch.Tensor) -> dict:
+    """Run the MoE block on x; what its router returned and what it passed to its experts."""
+    seen: dict = {}
+
+    def experts_call(module, args, kwargs):
+        seen["index"], seen["weights"] = (list(args) + list(kwargs.values()))[1:3]
+
+    def router_call(module, args, out):
+        seen["x"], seen["out"] = args[0], out
+
+    hooks = [view.experts_module.register_forward_pre_hook(experts_call, with_kwargs=True),
+             view.router.register_forward_hook(router_call)]
+    with torch.no_grad():
+        view.mlp(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("arch", MOE_FAMILIES + ["mixtral", "qwen3_moe"])
+def test_routing_function_reproduces_the_blocks_own_choice(arch):
+    model, _ = tiny_model(arch)
+    _biased(model)
+    for view in [v for v in _views(model) if v.is_moe]:
+        x = torch.randn(1, 200, model.config.hidden_size, generator=torch.Generator().manual_seed(view.index))
+        seen = _block_routing(view, x)
+        routing = view.routing
+        block = _sorted(seen["index"], seen["weights"])
+        from_output = routing.from_output(seen["out"])
+        from_logits = routing.from_logits(from_output.logits)
+        for r in (from_output, from_logits):
+            mine = _sorted(r.index, r.weights)
+            assert torch.equal(mine[0], block[0])
+            torch.testing.assert_close(mine[1], block[1].to(mine[1].dtype), rtol=0, atol=1e-6)
+        x_router = seen["x"].reshape(-1, seen["x"].shape[-1]).float()
+        logits = routing.logits_of_weight(x_router, unwrapped(view.router).weight.float())
+        torch.testing.assert_close(logits, from_output.logits.float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(from_output.probs.sum(-1), torch.ones(200), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "glm4_moe", "ernie4_5_moe", "minimax_m2"])
+def test_grouped_or_biased_routing_differs_from_plain_softmax_top_k(arch):
+    """The previous test can fail: for these families a softmax top-k of the logits picks other experts."""
+    model, _ = tiny_model(arch)
+    _biased(model)
+    view = next(v for v in _views(model) if v.is_moe)
+    seen = _block_routing(view, torch.randn(1, 200, model.config.hidden_size, generator=torch.Generator().manual_seed(0)))
+    logits = view.routing.from_output(seen["out"]).logits
+    naive = logits.float().softmax(-1).topk(view.top_k, -1).indices
+    assert not view.routing.same_experts(naive, seen["index"]).all()
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_duquant_at_16_bits_leaves_logits_unchanged(arch):
+    model, tok = outlier_model(arch, torch.float64)
+    _biased(model)
+    calib, x = tiny_data(tok)
+    with torch.no_grad():
+        ref = model(x).logits
+    quantize_model(model, get_spec(model), calib, FP, official(), seed=0)
+    with torch.no_grad():
+        out = model(x).logits
+    assert rel_err(out, ref) < FP64_TOL
+
+
+def test_mla_refuses_kv_quantization_with_its_reason():
+    model, _ = tiny_model("deepseek_v3")
+    assert get_spec(model).kv_quant_unsupported == MLA_KV
+    assert get_spec(tiny_model("deepseek_v2")[0]).attn_in == ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa")
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "gpt_oss"])
+def test_w4a4_end_to_end(arch, tmp_path):
+    rc = main.main(["--model", f"tiny-{arch}", "--wbits", "4", "--abits", "4", "--nsamples", "2", "--seqlen", "32",
+                    "--rotation_tokens", "32", "--eval_ppl", "wikitext2", "--ppl_samples", "2",
+                    "--output_dir", str(tmp_path), "--no-compare_fp"])
+    assert rc == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    ppl = result["ppl"]["wikitext2"]
+    assert math.isfinite(ppl) and ppl > 1
