@@ -88,6 +88,26 @@ def _has_safetensors(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json"))
 
 
+def _is_mxfp4(target: str) -> bool:
+    """Whether the checkpoint's experts are MXFP4 (gpt-oss on the hub): `*_blocks` / `*_scales` tensors
+    that only transformers' quantizer can turn into weights."""
+    from transformers import AutoConfig
+
+    quant = getattr(AutoConfig.from_pretrained(target), "quantization_config", None) or {}
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    return str(method) == "mxfp4"
+
+
+def _dequantizing(mxfp4: bool) -> dict:
+    """from_pretrained arguments that dequantize MXFP4 experts to `dtype` on load (transformers'
+    Mxfp4Config(dequantize=True)); our fake quantization starts from those weights."""
+    if not mxfp4:
+        return {}
+    from transformers import Mxfp4Config
+
+    return {"quantization_config": Mxfp4Config(dequantize=True)}
+
+
 def load_model(name: str, dtype: torch.dtype = torch.float32, stream: bool = False, spill_dir: str | None = None):
     """Load (model, tokenizer) on the CPU; the pipeline moves one decoder layer at a time to the device.
 
@@ -113,11 +133,15 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, stream: bool = Fal
         raise ModelLoadError(f"--stream reads a local checkpoint directory and {target} is not one; download it first")
     try:
         tokenizer = AutoTokenizer.from_pretrained(target)
-        if stream or _has_safetensors(target):
+        mxfp4 = _is_mxfp4(target)
+        if mxfp4 and stream:
+            raise ModelLoadError(f"--stream reads plain tensors and {name!r} stores MXFP4 experts; load it without "
+                                 "--stream (it is dequantized on load) or save a dequantized copy first")
+        if not mxfp4 and (stream or _has_safetensors(target)):
             model = _lazy_model(target, dtype, stream, spill_dir)
             model.eval()
             return model, tokenizer
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, device_map="cpu")
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, device_map="cpu", **_dequantizing(mxfp4))
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 import main
 from duquant.pipeline import quantize_model
+from duquant.qlinear import QLinear
 from models import get_spec, resolve
 from models.experts import unfuse_experts
 from models.registry import MLA_KV
@@ -128,6 +129,7 @@ def test_duquant_at_16_bits_leaves_logits_unchanged(arch):
     quantize_model(model, get_spec(model), calib, FP, official(), seed=0)
     with torch.no_grad():
         out = model(x).logits
+    assert sum(isinstance(m, QLinear) and m.transform is not None for m in model.modules()) > 10
     assert rel_err(out, ref) < FP64_TOL
 
 
@@ -146,3 +148,42 @@ def test_w4a4_end_to_end(arch, tmp_path):
     result = json.loads((tmp_path / "results.json").read_text())
     ppl = result["ppl"]["wikitext2"]
     assert math.isfinite(ppl) and ppl > 1
+
+
+FP4_MAGNITUDES = {0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0}  # e2m1, at block scale 2^0
+
+
+def _mxfp4_checkpoint(path):
+    """A tiny gpt-oss saved as the hub ships it: experts as MXFP4 `*_blocks` (two FP4 codes a byte, 32
+    values per block along the input) and `*_scales` (E8M0 exponents), plus its quantization_config."""
+    from safetensors.torch import load_file, save_file
+
+    model, tok = tiny_model("gpt_oss", intermediate_size=32)  # MXFP4 blocks need widths divisible by 32
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    tensors = load_file(path / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        e, d_in, d_out = tensors.pop(name).shape
+        tensors[name + "_blocks"] = torch.randint(0, 256, (e, d_out, d_in // 32, 16), dtype=torch.uint8, generator=g)
+        tensors[name + "_scales"] = torch.full((e, d_out, d_in // 32), 127, dtype=torch.uint8)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_mxfp4_gpt_oss_is_dequantized_on_load_and_refused_with_stream(tmp_path):
+    from models import ModelLoadError, load_model
+
+    _mxfp4_checkpoint(tmp_path)
+    model, _ = load_model(str(tmp_path))
+    values = model.model.layers[0].mlp.experts.gate_up_proj.abs().unique().tolist()
+    assert set(values) <= FP4_MAGNITUDES and len(values) == len(FP4_MAGNITUDES)
+    views = _views(model)
+    assert all(len(v.experts) == 4 for v in views)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 8192, (1, 8))).logits).all()
+    with pytest.raises(ModelLoadError, match="MXFP4"):
+        load_model(str(tmp_path), stream=True)
