@@ -54,15 +54,23 @@ SINKS_KV = ("its attention sinks need the eager attention path, which --kv_bits'
             "(duquant/kvquant.py) would replace; --kv_bits must stay 16")
 
 
-def _mla(name: str, q_lora: bool, **kw) -> ModelSpec:
+# DeepSeek-V3.2's sparse-attention indexer: wk and weights_proj read input_layernorm's output, wq_b
+# reads q_a_layernorm's, so they are readers of those sites (they must carry the folded smoothing).
+INDEXER_ATTN_IN = ("self_attn.indexer.wk", "self_attn.indexer.weights_proj")
+INDEXER_Q_IN = ("self_attn.indexer.wq_b",)
+
+
+def _mla(name: str, q_lora: bool, indexer: bool = False, **kw) -> ModelSpec:
     """DeepSeek-V2/V3 multi-head latent attention. q_a_proj (or q_proj without a query LoRA) and
     kv_a_proj_with_mqa read input_layernorm; q_b_proj reads q_a_layernorm and kv_b_proj reads
     kv_a_layernorm (inner norm sites). o_proj's input channels are heads of kv_b_proj's value half,
     not one v_proj row each, so o-in smoothing is applied online (attn_value None)."""
     q_in = "self_attn.q_a_proj" if q_lora else "self_attn.q_proj"
-    inner = (("self_attn.q_a_layernorm", ("self_attn.q_b_proj",)),) if q_lora else ()
+    q_inner = ("self_attn.q_b_proj",) + (INDEXER_Q_IN if indexer else ())
+    inner = (("self_attn.q_a_layernorm", q_inner),) if q_lora else ()
     return ModelSpec(
-        name=name, attn_in=(q_in, "self_attn.kv_a_proj_with_mqa"), attn_value=None,
+        name=name, attn_in=(q_in, "self_attn.kv_a_proj_with_mqa") + (INDEXER_ATTN_IN if indexer else ()),
+        attn_value=None,
         inner_norms=inner + (("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",)),),
         shared_experts="shared_experts", is_moe_layer=_after_dense_prefix, num_experts_attr="n_routed_experts",
         kv_quant_unsupported=MLA_KV, **kw)
@@ -103,6 +111,7 @@ SPECS: dict[str, ModelSpec | Callable[[object], ModelSpec]] = {
     "Qwen3ForCausalLM": QWEN3,
     "DeepseekV3ForCausalLM": _mla_variant(name="deepseek_v3", routing=routing.sigmoid_grouped),
     "DeepseekV2ForCausalLM": _mla_variant(name="deepseek_v2", routing=routing.softmax_grouped_scaled),
+    "DeepseekV32ForCausalLM": _mla(name="deepseek_v32", q_lora=True, indexer=True, routing=routing.sigmoid_grouped),
     "Glm4MoeForCausalLM": GLM4_MOE,
     "Dots1ForCausalLM": DOTS1,
     "GptOssForCausalLM": GPT_OSS,

@@ -44,6 +44,13 @@ TINY = {
         topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5, q_lora_rank=32, kv_lora_rank=32,
         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
     ),
+    # DeepSeek-V3.2: V3 plus the sparse-attention indexer, keeping 8 of the 64 test tokens.
+    "deepseek_v32": dict(
+        model_type="deepseek_v32", num_hidden_layers=3, num_key_value_heads=4, intermediate_size=96,
+        moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4,
+        topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5, q_lora_rank=32, kv_lora_rank=32,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, index_topk=8, index_head_dim=16, index_n_heads=2,
+    ),
     # MLA without a query LoRA (V2-Lite), group-limited greedy softmax routing (one group kept, so the
     # limit changes choices: with as many groups kept as experts chosen, it never does).
     "deepseek_v2": dict(
