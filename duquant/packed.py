@@ -34,7 +34,7 @@ from models.spec import ModelSpec, decoder_layers, set_module
 
 from . import kvquant
 from .layerwise import layer_on
-from .qlinear import QLinear
+from .qlinear import QLinear, SiteInput
 from .quantizer import ActQuantizer, QuantizedWeight
 from .transforms import BlockRotation, Compose, Permutation, Smooth
 
@@ -189,8 +189,12 @@ def apply_state(root: nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -
                                  f"unexpected {sorted(unexpected)[:3]}; was it saved from another model?")
     root.load_state_dict(rest, strict=False)
     built = {tid: _build_transform(spec, tensors, f"transforms.{tid}") for tid, spec in meta["transforms"].items()}
+    sites: dict[str, SiteInput] = {}  # one per transform: its readers share T(x), as when quantized
     for name, e in linears.items():
         inner = root.get_submodule(name)
+        tid = e.get("transform")
+        if tid is not None and tid not in sites:
+            sites[tid] = SiteInput(built[tid], e["shape"][-1])
         dtype = getattr(torch, e["dtype"])
         if e["bits"] >= 16:
             qw = QuantizedWeight(tensors[f"{name}.weight"].to(dtype))
@@ -204,7 +208,7 @@ def apply_state(root: nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -
             inner.bias.data = tensors[f"{name}.bias"].to(inner.bias.dtype)
         # Models saved before the activation range became an option all forced 0 into the range.
         act = ActQuantizer(e["act"]["bits"], e["act"]["sym"], e["act"]["clip"], e["act"].get("with_zero", True))
-        set_module(root, name, QLinear(inner, built.get(e.get("transform")), act, quantized=qw))
+        set_module(root, name, QLinear(inner, sites.get(tid), act, quantized=qw))
     for name, e in meta["kv"].items():
         set_module(root, name, kvquant.KVQuant(e["bits"], e["head_dim"], e["sym"], e["clip"], e.get("with_zero", True)))
 

@@ -2,7 +2,8 @@
 
 `inner` is an `nn.Linear` or anything that applies `F.linear(x, self.weight)` first, such as a
 transformers 5 router (which then returns its (logits, weights, indices) triple unchanged). The
-transform T is applied online, and linears that read the same activation share one T object.
+transform T is applied online by the site's `SiteInput`, which the linears that read the same
+activation share, so T(x) is computed once for all of them.
 """
 from __future__ import annotations
 
@@ -10,46 +11,92 @@ import torch
 import torch.nn as nn
 
 from .quantizer import ActQuantizer, QuantizedWeight, WeightQuantizer
+from .transforms import act_matrix
 
 
-class SharedInput:
-    """The last input of one transform's readers, transformed, and each activation quantizer's result.
+class SiteInput(nn.Module):
+    """The input of one quantization site, transformed once for every linear that reads it.
 
-    Readers of one activation (q/k/v; an expert's gate and up; the router and shared experts)
-    share one transform, so the first reader computes T.act(x) and the others reuse it while they
-    see the same, unmodified tensor. It is dropped once every reader has had its turn, so no
-    activation is held past the block that uses it.
+    A site is one activation and the linears that read it through one transform T (q/k/v; an
+    expert's gate and up; the router and shared experts). The code that builds the site creates
+    one SiteInput and passes it to each reader's QLinear; QLinear registers itself as a reader.
+
+    The model calls the readers one after another on the same tensor (transformers' attention
+    calls q_proj(x), k_proj(x), v_proj(x)), and nothing in that call says "same input as the last
+    reader". So the first reader of a round computes T(x) and each quantizer setting's Q_a(T(x)),
+    and the following readers reuse them while they are handed the same tensor object, unmodified
+    (its in-place version counter unchanged); any other input starts a new round. Once every
+    reader has had its turn the round is dropped, so no activation outlives its block.
+
+    T is applied as one dense matrix where that is cheaper than its steps (`act_matrix`). The
+    matrix is derived from T's buffers, so it is a non-persistent buffer: it moves and casts with
+    the module but is never saved; `refresh()` rebuilds it after T's buffers are replaced.
     """
 
-    def __init__(self):
-        self.readers = 0
-        self.clear()
+    def __init__(self, transform: nn.Module, channels: int):
+        super().__init__()
+        self.transform, self.channels, self.readers = transform, channels, 0
+        self.register_buffer("matrix", None, persistent=False)
+        self.refresh()
+        self._end_round()
 
-    def clear(self) -> None:
-        self.x, self.version, self.transformed, self.quantized, self.uses = None, -1, None, {}, 0
+    def refresh(self) -> None:
+        self.matrix = act_matrix(self.transform, self.channels)
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        """T.act(x), as one matmul when the site has a dense matrix."""
+        if self.matrix is None:
+            return self.transform.act(x)
+        dtype = torch.promote_types(x.dtype, self.matrix.dtype)
+        return (x.to(dtype) @ self.matrix.to(x.device, dtype)).to(x.dtype)
+
+    def quantized(self, x: torch.Tensor, act_quant: ActQuantizer) -> torch.Tensor:
+        """Q_a(T(x)) for one reader, computed at most once per round and quantizer setting."""
+        if self._x is not x or self._version != x._version:
+            self._end_round()
+            self._x, self._version, self._transformed = x, x._version, self.act(x)
+        key = (act_quant.bits, act_quant.sym, act_quant.clip_ratio, act_quant.with_zero)
+        if key not in self._quantized:
+            self._quantized[key] = act_quant(self._transformed)
+        out = self._quantized[key]
+        self._uses += 1
+        if self._uses >= self.readers:
+            self._end_round()
+        return out
+
+    def _end_round(self) -> None:
+        self._x, self._version, self._transformed, self._quantized, self._uses = None, -1, None, {}, 0
 
 
 class QLinear(nn.Module):
     GRID = ("scale", "zero", "g_idx")  # buffers of the weight's quantization grid
 
-    def __init__(self, inner: nn.Module, transform: nn.Module | None, act_quant: ActQuantizer,
+    def __init__(self, inner: nn.Module, site: SiteInput | nn.Module | None, act_quant: ActQuantizer,
                  weight_quant: WeightQuantizer | None = None, quantized: QuantizedWeight | None = None):
-        """Either `weight_quant` quantizes the transformed weight, or `quantized` is the already
-        quantized transformed weight (router alignment and GPTQ choose their own grids; a saved
-        model is loaded this way). The grid is kept (not a second weight) for packing."""
+        """`site` is the SiteInput this linear reads (shared with the site's other readers), or a
+        bare transform, which then gets a site of its own (correct, but its T(x) is computed per
+        reader), or None (no transform). Either `weight_quant` quantizes the transformed weight, or
+        `quantized` is the already quantized transformed weight (router alignment and GPTQ choose
+        their own grids; a saved model is loaded this way). The grid is kept (not a second weight)
+        for packing."""
         super().__init__()
-        if transform is not None:
-            transform.to(inner.weight.device)  # smoothing is fit on the CPU, rotations on the layer's device
-            if getattr(transform, "shared_input", None) is None:
-                transform.shared_input = SharedInput()
-            transform.shared_input.readers += 1
-        self.inner, self.transform, self.act_quant = inner, transform, act_quant
+        if site is not None and not isinstance(site, SiteInput):
+            site = SiteInput(site, inner.weight.shape[1])
+        if site is not None:
+            site.to(inner.weight.device)  # smoothing is fit on the CPU, rotations on the layer's device
+            site.readers += 1
+        self.inner, self.site, self.act_quant = inner, site, act_quant
         if quantized is None:
             w = inner.weight.data
             w = w.to(torch.promote_types(w.dtype, torch.float32))
-            w = transform.weight(w) if transform is not None else w
+            w = site.transform.weight(w) if site is not None else w
             quantized = weight_quant.quantize(w)
         self.set_quantized(quantized)
+
+    @property
+    def transform(self) -> nn.Module | None:
+        """The site's transform T (one object for all readers of the site)."""
+        return None if self.site is None else self.site.transform
 
     def set_quantized(self, quantized: QuantizedWeight) -> None:
         """The grid (scale, zero, g_idx) is kept as buffers so it moves, spills and is released
@@ -86,22 +133,8 @@ class QLinear(nn.Module):
         return self.inner(self.quantized_input(x), *args, **kwargs)
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Q_a(T.act(x)), computed once per input tensor for all readers of the transform."""
-        if self.transform is None:
-            return self.act_quant(x)
-        memo = self.transform.shared_input
-        if memo.x is not x or memo.version != x._version:
-            memo.clear()
-            memo.x, memo.version, memo.transformed = x, x._version, self.transform.act(x)
-        q = self.act_quant
-        key = (q.bits, q.sym, q.clip_ratio, q.with_zero)
-        if key not in memo.quantized:
-            memo.quantized[key] = q(memo.transformed)
-        out = memo.quantized[key]
-        memo.uses += 1
-        if memo.uses >= memo.readers:
-            memo.clear()
-        return out
+        """Q_a(T.act(x)), shared with the site's other readers (`SiteInput`)."""
+        return self.act_quant(x) if self.site is None else self.site.quantized(x, self.act_quant)
 
 
 def unwrap(m: nn.Module) -> nn.Module:

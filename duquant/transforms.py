@@ -113,6 +113,30 @@ class BlockRotation(nn.Module):
         return self._rotate(x, self.blocks.transpose(1, 2), self.tail.T)
 
 
+# The activation side of a site as one dense [C, C] matrix costs C^2 multiply-adds per token against
+# C * (sum of the rotations' block sizes) for the block-diagonal steps, but it is one matmul instead
+# of a chain of reshapes, copies, batched products and a gather. Measured on CPU (float32, 512 and
+# 2048 tokens): dense takes 0.5-0.8x the time of the steps at 1.5x their multiply-adds (C = 3b with
+# R1 and R2), 1.1-1.2x at 2x, 1.6-2.4x at 4x. Up to 1.5x it is the faster form.
+DENSE_COST_RATIO = 1.5
+
+
+def act_matrix(t: nn.Module, channels: int) -> torch.Tensor | None:
+    """The [C, C] matrix M with t.act(x) == x @ M up to rounding, when one matmul by it is cheaper
+    than t's own steps (`DENSE_COST_RATIO`), else None.
+
+    Every step of a transform is linear in x (a scale, a permutation, block rotations), so their
+    product is exact; it is composed in float64 from the stored buffers and returned in their
+    dtype, on their device. A transform without rotations (a scale, a permutation) is cheaper
+    elementwise than as a matrix, so it never gets one.
+    """
+    rotations = [m.blocks for m in t.modules() if isinstance(m, BlockRotation)]
+    if not rotations or channels > DENSE_COST_RATIO * sum(min(r.shape[-1], channels) for r in rotations):
+        return None
+    eye = torch.eye(channels, dtype=torch.float64, device=rotations[0].device)
+    return t.act(eye).to(rotations[0].dtype)
+
+
 class Compose(nn.Module):
     """Applies transforms in order; the weight side in the same order telescopes to identity."""
 

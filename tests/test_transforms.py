@@ -6,6 +6,7 @@ from duquant.transforms import (
     BlockRotation,
     _spreading_matrix,
     _step_matrices,
+    act_matrix,
     Compose,
     Permutation,
     Smooth,
@@ -241,3 +242,21 @@ def test_joint_fit_equals_fitting_each_site_alone():
     for x, t in zip(xs, joint):
         alone = fit_rotations([x], block_size=32, max_steps=24, seed=1)[0]
         torch.testing.assert_close(t.act(x), alone.act(x), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("c, b, shared", [(48, 16, False), (40, 16, False), (32, 16, True), (16, 16, False)])
+def test_act_matrix_is_the_transform_as_one_matmul(c, b, shared):
+    """Smoothing, both rotations (a tail block, or one block shared by all) and the permutation
+    compose into one matrix exactly, up to float64 rounding."""
+    x = _outlier_acts(256, c)
+    t = fit_duquant(x, torch.rand(c, generator=gen(4), dtype=torch.float64) + 0.5, block_size=b, max_steps=6, shared=shared)
+    m = act_matrix(t, c)
+    assert m is not None and m.dtype == torch.float64
+    torch.testing.assert_close(x @ m, t.act(x), rtol=0, atol=1e-12 * x.abs().max().item())
+
+
+def test_act_matrix_only_where_one_matmul_is_cheaper():
+    x = _outlier_acts(256, 64)
+    rotations = fit_rotations([x], block_size=16, max_steps=4)[0]  # 4 blocks of 16 in R1 and R2
+    assert act_matrix(rotations, 64) is None
+    assert act_matrix(Compose([Smooth(torch.ones(64, dtype=torch.float64)), Permutation(torch.arange(64))]), 64) is None
