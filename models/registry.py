@@ -32,6 +32,7 @@ DEEPSEEK_MOE = ModelSpec(
     shared_experts="shared_experts",
     is_moe_layer=_deepseek_is_moe,
     num_experts_attr="n_routed_experts",
+    routing=routing.softmax_topk_eps,
 )
 LLAMA = ModelSpec(name="llama", router=None, experts=None, is_moe_layer=never_moe)
 QWEN2 = ModelSpec(name="qwen2", router=None, experts=None, is_moe_layer=never_moe)

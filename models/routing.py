@@ -191,30 +191,30 @@ class RoutingFunction:
 RoutingBuilder = Callable[..., RoutingFunction]
 
 
-def _base(config, mlp: nn.Module, router: nn.Module, top_k: int, **kw) -> RoutingFunction:
+def _base(router: nn.Module, top_k: int, **kw) -> RoutingFunction:
     return RoutingFunction(top_k=top_k, num_experts=unwrapped(router).weight.shape[0], router=router, **kw)
 
 
 def softmax_topk(config, mlp: nn.Module, router: nn.Module, top_k: int) -> RoutingFunction:
     """Softmax, top-k, renormalised when `config.norm_topk_prob` (always, where the config has no
     such field: Mixtral). OLMoE, Qwen2/3-MoE, Qwen3-Next, HunYuan."""
-    return _base(config, mlp, router, top_k, normalize=getattr(config, "norm_topk_prob", True))
+    return _base(router, top_k, normalize=getattr(config, "norm_topk_prob", True))
 
 
 def softmax_topk_eps(config, mlp: nn.Module, router: nn.Module, top_k: int) -> RoutingFunction:
     """As `softmax_topk`, dividing by sum + 1e-20 (models/deepseek_moe/modeling_deepseek_moe.py)."""
-    return _base(config, mlp, router, top_k, normalize=config.norm_topk_prob, norm_eps=1e-20)
+    return _base(router, top_k, normalize=config.norm_topk_prob, norm_eps=1e-20)
 
 
 def top_logits_softmax(config, mlp: nn.Module, router: nn.Module, top_k: int) -> RoutingFunction:
     """Top-k of the logits, softmax over the chosen ones (gpt-oss, Granite MoE)."""
-    return _base(config, mlp, router, top_k, weights="softmax_of_top_logits")
+    return _base(router, top_k, weights="softmax_of_top_logits")
 
 
 def sigmoid_grouped(config, mlp: nn.Module, router: nn.Module, top_k: int) -> RoutingFunction:
     """DeepSeek-V3 / GLM-4.5 / dots1: sigmoid scores, e_score_correction_bias steering the choice
     only, group-limited top-k (sum of each group's two best), routed_scaling_factor."""
-    return _base(config, mlp, router, top_k, score="sigmoid", normalize=config.norm_topk_prob, norm_eps=1e-20,
+    return _base(router, top_k, score="sigmoid", normalize=config.norm_topk_prob, norm_eps=1e-20,
                  scale=config.routed_scaling_factor, n_group=config.n_group, topk_group=config.topk_group,
                  choice_bias_at=_owner(router, "e_score_correction_bias"))
 
@@ -223,7 +223,7 @@ def softmax_grouped_scaled(config, mlp: nn.Module, router: nn.Module, top_k: int
     """DeepSeek-V2: softmax, greedy or group-limited (each group's best) top-k, unnormalised, times
     routed_scaling_factor."""
     grouped = config.topk_method == "group_limited_greedy"
-    return _base(config, mlp, router, top_k, normalize=False, scale=config.routed_scaling_factor,
+    return _base(router, top_k, normalize=False, scale=config.routed_scaling_factor,
                  n_group=config.n_group if grouped else 1, topk_group=config.topk_group if grouped else 1,
                  group_score="max")
 
@@ -231,17 +231,17 @@ def softmax_grouped_scaled(config, mlp: nn.Module, router: nn.Module, top_k: int
 def softmax_biased(config, mlp: nn.Module, router: nn.Module, top_k: int) -> RoutingFunction:
     """ERNIE 4.5: experts chosen on softmax + e_score_correction_bias, weights the chosen
     probabilities over their sum clamped at moe_norm_min."""
-    return _base(config, mlp, router, top_k, norm_min=config.moe_norm_min,
+    return _base(router, top_k, norm_min=config.moe_norm_min,
                  choice_bias_at=_owner(router, "moe_statics.e_score_correction_bias"))
 
 
 def sigmoid_block_biased(config, mlp: nn.Module, router: nn.Module, top_k: int) -> RoutingFunction:
     """MiniMax-M2: sigmoid scores, the block's e_score_correction_bias steering the choice,
     renormalised weights."""
-    return _base(config, mlp, router, top_k, score="sigmoid", choice_bias_at=_owner(mlp, "e_score_correction_bias"))
+    return _base(router, top_k, score="sigmoid", choice_bias_at=_owner(mlp, "e_score_correction_bias"))
 
 
 def softmax_topk_of_logits(config, mlp: nn.Module, router: nn.Module, top_k: int) -> RoutingFunction:
     """A router linear that returns logits only, its block doing softmax top-k with renormalisation
     (HunYuan's gate.wg)."""
-    return _base(config, mlp, router, top_k, output="logits")
+    return _base(router, top_k, output="logits")

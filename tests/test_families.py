@@ -86,7 +86,7 @@ def _block_routing(view, x: torch.Tensor) -> dict:
     return seen
 
 
-@pytest.mark.parametrize("arch", MOE_FAMILIES + ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", MOE_FAMILIES + ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek"])
 def test_routing_function_reproduces_the_blocks_own_choice(arch):
     model, _ = tiny_model(arch)
     _biased(model)
@@ -133,17 +133,19 @@ def test_duquant_at_16_bits_leaves_logits_unchanged(arch):
     assert rel_err(out, ref) < FP64_TOL
 
 
-def test_mla_refuses_kv_quantization_with_its_reason():
-    model, _ = tiny_model("deepseek_v3")
-    assert get_spec(model).kv_quant_unsupported == MLA_KV
+W4A4 = ["--wbits", "4", "--abits", "4", "--nsamples", "2", "--seqlen", "32", "--rotation_tokens", "32",
+        "--eval_ppl", "wikitext2", "--ppl_samples", "2", "--no-compare_fp"]
+
+
+def test_mla_refuses_kv_quantization_with_its_reason(tmp_path, capsys):
     assert get_spec(tiny_model("deepseek_v2")[0]).attn_in == ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa")
+    assert main.main(["--model", "tiny-deepseek_v3", *W4A4, "--kv_bits", "4", "--output_dir", str(tmp_path)]) == 2
+    assert MLA_KV in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v3", "gpt_oss"])
 def test_w4a4_end_to_end(arch, tmp_path):
-    rc = main.main(["--model", f"tiny-{arch}", "--wbits", "4", "--abits", "4", "--nsamples", "2", "--seqlen", "32",
-                    "--rotation_tokens", "32", "--eval_ppl", "wikitext2", "--ppl_samples", "2",
-                    "--output_dir", str(tmp_path), "--no-compare_fp"])
+    rc = main.main(["--model", f"tiny-{arch}", *W4A4, "--kv_bits", "16", "--output_dir", str(tmp_path)])
     assert rc == 0
     result = json.loads((tmp_path / "results.json").read_text())
     ppl = result["ppl"]["wikitext2"]
