@@ -143,6 +143,26 @@ def test_mla_refuses_kv_quantization_with_its_reason(tmp_path, capsys):
     assert MLA_KV in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("arch", ["glm4_moe", "gpt_oss"])
+def test_router_alignment_optimises_the_familys_routing(arch):
+    """Alignment on a sigmoid router with a correction bias (GLM-4.5) and a router with a logit bias
+    (gpt-oss): the metrics are the family's, and alignment never loses on its objective."""
+    from duquant.config import QuantConfig
+    from eaquant_ext.router_align import align_router, routing_metrics
+
+    model, _ = tiny_model(arch)
+    _biased(model)
+    view = next(v for v in _views(model) if v.is_moe)
+    x = torch.randn(300, model.config.hidden_size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    w = unwrapped(view.router).weight.detach().double()
+    quant = QuantConfig(4, 4, router_wbits=3, router_abits=8)
+    _, _, info = align_router(w, x, quant, view.top_k, 50, grid=6, rounds=1, routing=view.routing)
+    assert info["aligned"]["objective"] <= info["default"]["objective"]
+    same = routing_metrics(view.routing.logits_of_weight(x, w), view.routing.logits_of_weight(x, w), view.top_k,
+                           view.routing)
+    assert same == {"topk_agreement": 1.0, "kl": 0.0}
+
+
 @pytest.mark.parametrize("arch", ["deepseek_v3", "gpt_oss"])
 def test_w4a4_end_to_end(arch, tmp_path):
     rc = main.main(["--model", f"tiny-{arch}", *W4A4, "--kv_bits", "16", "--output_dir", str(tmp_path)])
@@ -189,3 +209,12 @@ def test_mxfp4_gpt_oss_is_dequantized_on_load_and_refused_with_stream(tmp_path):
         assert torch.isfinite(model(torch.randint(0, 8192, (1, 8))).logits).all()
     with pytest.raises(ModelLoadError, match="MXFP4"):
         load_model(str(tmp_path), stream=True)
+
+
+def test_eaquant_w3a4_on_a_sigmoid_routed_family(tmp_path):
+    rc = main.main(["--model", "tiny-glm4_moe", "--recipe", "eaquant", *W4A4, "--wbits", "3",
+                    "--output_dir", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert math.isfinite(result["ppl"]["wikitext2"])
+    assert 0 <= result["router"]["mean_topk_agreement"] <= 1
