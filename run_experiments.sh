@@ -65,48 +65,48 @@ for model in $MODELS; do
     echo "skipping $model: not trained yet (python -m models.zoo.train --arch ${model#demo-})"; continue
   fi
   mkdir -p "$OUT/$model"
-  run fp --method fp $ZS
+  run fp --recipe fp $ZS
   # Tables 1-3: FP, RTN, DuQuant, each EAQuant component alone, all three; W4A4 and W3A4, router W8A8.
   for w in 4 3; do
-    run "rtn-w${w}a4" --method rtn --wbits $w --abits 4 $ZS
+    run "rtn-w${w}a4" --recipe rtn --wbits $w --abits 4 $ZS
     for seed in $SEEDS; do
       q="--wbits $w --abits 4 --seed $seed"
-      run "duquant-w${w}a4-s$seed" --method duquant $q $ZS
-      run "eaquant-w${w}a4-s$seed" --method eaquant $q $ZS
-      run "sa-w${w}a4-s$seed" --method duquant --smooth_aggregate maximum $q $ZS
-      run "ra-w${w}a4-s$seed" --method duquant --router_align $q $ZS
-      run "cb-w${w}a4-s$seed" --method duquant --calib_balance $q $ZS
+      run "duquant-w${w}a4-s$seed" --recipe duquant $q $ZS
+      run "eaquant-w${w}a4-s$seed" --recipe eaquant $q $ZS
+      run "sa-w${w}a4-s$seed" --recipe duquant --smooth_aggregate maximum $q $ZS
+      run "ra-w${w}a4-s$seed" --recipe duquant --router_align $q $ZS
+      run "cb-w${w}a4-s$seed" --recipe duquant --calib_balance $q $ZS
     done
   done
   # RTN W4A16 fits nothing, so it runs once (the seed only picks the calibration text its
   # routing diagnostics are measured on).
-  run "rtn-w4a16" --method rtn --wbits 4 --abits 16 --seed "${ABLATION_SEEDS%% *}" $ZS
+  run "rtn-w4a16" --recipe rtn --wbits 4 --abits 16 --seed "${ABLATION_SEEDS%% *}" $ZS
   for seed in $ABLATION_SEEDS; do
     q="--abits 4 --seed $seed $ZS"
     # Table 4: smoothing aggregation rule (W4A4).
-    run "saf-w4a4-s$seed" --method duquant --smooth_aggregate expert_frequency --wbits 4 $q
-    run "sal-w4a4-s$seed" --method duquant --smooth_aggregate router_logits --wbits 4 $q
+    run "saf-w4a4-s$seed" --recipe duquant --smooth_aggregate expert_frequency --wbits 4 $q
+    run "sal-w4a4-s$seed" --recipe duquant --smooth_aggregate router_logits --wbits 4 $q
     # Table 5: router precision x router_align (W3A4 with router W3A4 / W4A4; W8A8 rows are Table 3's).
     for r in 3 4; do
-      run "r${r}-w3a4-s$seed" --method duquant --router_wbits $r --router_abits 4 --wbits 3 $q
-      run "r${r}ra-w3a4-s$seed" --method duquant --router_align --router_wbits $r --router_abits 4 --wbits 3 $q
+      run "r${r}-w3a4-s$seed" --recipe duquant --router_wbits $r --router_abits 4 --wbits 3 $q
+      run "r${r}ra-w3a4-s$seed" --recipe duquant --router_align --router_wbits $r --router_abits 4 --wbits 3 $q
     done
     # Table 6: KL span of router alignment (kl_top 0 is Table 3's router_align row).
     for k in 25 50 75 100; do
-      run "kl${k}-w4a4-s$seed" --method duquant --router_align --kl_top $k --wbits 4 $q
+      run "kl${k}-w4a4-s$seed" --recipe duquant --router_align --kl_top $k --wbits 4 $q
     done
     # Table 7: calibration balance ratio r (r = 0 is DuQuant, r = 2 is Table 3's calib_balance row).
     for r in 1 4 8; do
-      run "cb${r}-w4a4-s$seed" --method duquant --calib_balance --balance_ratio $r --wbits 4 $q
+      run "cb${r}-w4a4-s$seed" --recipe duquant --calib_balance --balance_ratio $r --wbits 4 $q
     done
     # R1/R4/R5: GPTQ W4A16 with AGQ on text calibration sets vs MoEQuant (EBSS + AGQ), gate AGQ on/off.
-    m="--method rtn --wbits 4 --abits 16 --seed $seed $ZS"
-    run "gptq-w4a16-s$seed" --gptq $m
+    m="--wbits 4 --abits 16 --seed $seed $ZS"
+    run "gptq-w4a16-s$seed" --recipe gptq $m
     for calib in c4 gutenberg; do
-      run "agq-$calib-w4a16-s$seed" --gptq --agq --calib_dataset $calib $m
+      run "agq-$calib-w4a16-s$seed" --recipe gptq --agq --calib_dataset $calib $m
     done
-    run "moequant-w4a16-s$seed" --moequant $m
-    run "moequant-nogate-w4a16-s$seed" --moequant --no-agq_gate $m
+    run "moequant-w4a16-s$seed" --recipe moequant $m
+    run "moequant-nogate-w4a16-s$seed" --recipe moequant --no-agq_gate $m
   done
   # R1-R3: expert-balance std and likelihood of each calibration set (EBSS over tau and width).
   if [ ! -f "$OUT/$model/ebss_balance.json" ]; then

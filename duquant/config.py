@@ -1,4 +1,4 @@
-"""Method options as dataclasses, built once from the CLI and written verbatim into results.json.
+"""Method options as frozen dataclasses, built once from the CLI and written verbatim into results.json.
 
 Defaults are the published DuQuant/EAQuant scripts' (docs/algorithm.md); `None` bit widths inherit.
 """
@@ -44,15 +44,17 @@ def check_bits(name: str, bits: int) -> None:
         raise ConfigError(f"--{name} {bits} is out of range; use 2..8, or 16 for no quantization")
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantConfig:
     """Fake-quantization precision of every tensor kind. 16 bits means "not quantized"."""
 
     wbits: int = 4
     abits: int = 4
     kv_bits: int | None = None  # Q, K (after RoPE, per-head Hadamard) and V; None = abits
-    router_wbits: int = 8
-    router_abits: int = 8
+    # The router at 8 bits wherever anything else is quantized; None resolves to 16 when weights
+    # and activations are both 16 bits ("--wbits 16 --abits 16" quantizes nothing), else 8.
+    router_wbits: int | None = None
+    router_abits: int | None = None
     w_sym: bool = False
     a_sym: bool = False
     swc: float = 0.8  # weight clip ratio
@@ -64,8 +66,13 @@ class QuantConfig:
     mse_grid: str = "coarse"  # --w_clip mse: 20 ratios 1.0 -> 0.35, or the published EAQuant's 101 ratios 0.35 -> 1.0
 
     def __post_init__(self):
+        # Unset widths are resolved once here; the config is frozen after.
         if self.kv_bits is None:
-            self.kv_bits = self.abits
+            object.__setattr__(self, "kv_bits", self.abits)
+        router_default = 16 if self.wbits == 16 and self.abits == 16 else 8
+        for name in ("router_wbits", "router_abits"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, router_default)
         for name in ("wbits", "abits", "kv_bits", "router_wbits", "router_abits"):
             check_bits(name, getattr(self, name))
         for name in ("swc", "lac"):
@@ -89,7 +96,7 @@ class QuantConfig:
         return self.weight_range == "with_zero"
 
 
-@dataclass
+@dataclass(frozen=True)
 class DuQuantConfig:
     """Which transforms to fit and how. All off is plain round-to-nearest (`--method rtn`)."""
 
@@ -149,7 +156,7 @@ class DuQuantConfig:
         return cls(smooth=False, rotate=False, permute=False)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GPTQConfig:
     """GPTQ weight rounding (`--gptq`) on the project's weight grid; None in a run means round-to-nearest."""
 

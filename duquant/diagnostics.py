@@ -28,8 +28,9 @@ def expert_balance_std(counts, top_k: int) -> float:
 
 
 def summarize(layers: list[dict], top_k: int | None) -> tuple[dict, dict]:
-    """results.json "router" and "experts" sections from the pipeline's per-layer report."""
-    moe = [r for r in layers if r.get("moe")]
+    """results.json "router" and "experts" sections from the pipeline's per-layer report (empty for a
+    data-free run, which routes no calibration tokens)."""
+    moe = [r for r in layers if r.get("moe") and "expert_tokens" in r]
     router = {
         "per_layer": [{"layer": r["layer"], "topk_agreement": r["topk_agreement"], "router_kl": r["router_kl"]}
                       for r in moe if "topk_agreement" in r],

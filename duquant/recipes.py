@@ -1,10 +1,14 @@
-"""Named recipes: one value for every pipeline choice on which our code, the published code and
-the paper text differ (docs/fidelity.md lists them with what each does).
+"""Named recipes: sets of option values, so a paper's setting is one name instead of many flags.
 
-`default` is ours; `official` reproduces the published DuQuant code, and with any EAQuant component
-on, the published EAQuant code (whose DuQuant part differs from DuQuant's own); `paper` follows the
-paper text where it conflicts with the code. A recipe only fills in options the user did not give:
-explicit options always win.
+Two kinds, combined with a comma (`--recipe eaquant,official`):
+- method recipes (`METHOD_RECIPES`): which algorithm and which of its components run
+  (fp, rtn, duquant, eaquant, gptq, moequant);
+- fidelity recipes (`RECIPES`): one value for every pipeline choice on which our code, the
+  published code and the paper text differ (docs/fidelity.md lists them with what each does).
+  `default` is ours; `official` reproduces the published DuQuant code, and with any EAQuant
+  component on, the published EAQuant code (whose DuQuant part differs from DuQuant's own); `paper`
+  follows the paper text where it conflicts with the code.
+A recipe only fills in options the user did not give: explicit options always win.
 """
 from __future__ import annotations
 
@@ -59,3 +63,43 @@ def recipe_values(name: str, given: set[str], eaquant: bool = False) -> dict[str
     if name not in RECIPES:
         raise ConfigError(f"--recipe {name!r} is unknown; choose from {', '.join(RECIPES)}")
     return {k: v for k, v in RECIPES[name][eaquant].items() if k not in given}
+
+
+# The papers' methods; values are CLI option names (docs/usage.md).
+METHOD_RECIPES: dict[str, dict[str, object]] = {
+    "fp": {"method": "fp"},
+    "rtn": {"method": "rtn"},
+    "duquant": {"method": "duquant"},
+    "eaquant": {"method": "duquant", "smooth_aggregate": "maximum", "router_align": True, "calib_balance": True},
+    "gptq": {"method": "rtn", "gptq": True},
+    "moequant": {"method": "rtn", "gptq": True, "agq": True, "ebss": True},
+}
+EAQUANT_COMPONENTS = ("smooth_aggregate", "router_align", "calib_balance")
+MOEQUANT_COMPONENTS = ("gptq", "agq", "ebss")
+
+
+def split_recipes(spec: str) -> tuple[str | None, str]:
+    """`--recipe a,b` -> (method recipe or None, fidelity recipe); at most one of each."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHOD_RECIPES and n not in RECIPES]
+    if unknown or not names:
+        raise ConfigError(f"--recipe {spec!r}: unknown name {', '.join(unknown) or '(empty)'}; choose from "
+                          f"{', '.join(METHOD_RECIPES)} and {', '.join(RECIPES)} (python main.py --help-recipes)")
+    methods = [n for n in names if n in METHOD_RECIPES]
+    fidelity = [n for n in names if n in RECIPES]
+    if len(methods) > 1 or len(fidelity) > 1:
+        raise ConfigError(f"--recipe {spec!r} names two recipes of one kind; give one method recipe "
+                          f"({', '.join(METHOD_RECIPES)}) and at most one of {', '.join(RECIPES)}")
+    return (methods[0] if methods else None), (fidelity[0] if fidelity else "default")
+
+
+def describe_recipes() -> str:
+    """The text of `python main.py --help-recipes`."""
+    lines = ["Method recipes (--recipe NAME, or --method NAME):"]
+    lines += [f"  {name:10s} " + " ".join(f"--{k} {v}" for k, v in values.items()) for name, values in METHOD_RECIPES.items()]
+    lines.append("\nFidelity recipes (--recipe NAME or --recipe METHOD,NAME; docs/fidelity.md):")
+    for name, (duq, ea) in RECIPES.items():
+        lines.append(f"  {name:10s} DuQuant runs: " + (" ".join(f"--{k} {v}" for k, v in duq.items()) or "(our defaults)"))
+        if ea != duq:
+            lines.append(f"  {'':10s} with EAQuant: " + " ".join(f"--{k} {v}" for k, v in ea.items()))
+    return "\n".join(lines)

@@ -10,7 +10,7 @@ EXPERT_ACTS = ("moe_in", "routed")  # each expert's act max: over all MoE-input 
 ALIGN_RULES = ("ours", "official")  # router alignment: eaquant_ext/router_align.py
 
 
-@dataclass
+@dataclass(frozen=True)
 class EAQuantConfig:
     smooth_aggregate: str | None = None  # None = DuQuant's rule; else one of AGGREGATIONS
     smooth_aggregate_router: bool = True  # the router's own requirement joins the aggregate (paper: yes)

@@ -27,7 +27,7 @@ def test_seqlen_is_capped_with_notice(tmp_path, capsys):
     rc, out, _ = _run(capsys, "--model", "tiny-llama", "--method", "fp", "--seqlen", "4096", "--ppl_samples", "1",
                       "--eval_ppl", "wikitext2", "--output_dir", str(tmp_path))
     assert rc == 0 and "notice: --seqlen 4096 exceeds" in out
-    assert json.loads((tmp_path / "results.json").read_text())["config"]["run"]["seqlen"] == 512
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["data"]["seqlen"] == 512
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -52,6 +52,21 @@ def _logits(model, x):
         return model(x).logits
 
 
+# Families whose loaded checkpoint runs transformers' fused-expert kernels (3-D expert tensors).
+FUSED = {"mixtral", "olmoe", "qwen2_moe", "qwen3_moe"}
+
+
+def _assert_same_logits(loaded, model, x, arch):
+    """Bit for bit, except through transformers' fused-expert kernels: they sum in another order than
+    our per-expert linears, which agrees exactly on one thread on some CPUs but not on others
+    (docs/export.md); there the logits agree to 1e-5."""
+    a, b = _logits(loaded, x), _logits(model, x)
+    if arch in FUSED:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(a, b)
+
+
 def _export_and_load(model, tok, path):
     info = export.export_compressed_tensors(model, tok, path, {"test": True})
     return info, AutoModelForCausalLM.from_pretrained(path).eval()
@@ -85,7 +100,7 @@ def test_weight_only_export_reproduces_the_logits_bit_for_bit(arch, tmp_path):
     model, tok, x = _quantized(arch, QuantConfig(4, 16, **EXACT))
     info, loaded = _export_and_load(model, tok, tmp_path / "ct")
     assert info["lost"] == []
-    assert torch.equal(_logits(loaded, x), _logits(model, x))
+    _assert_same_logits(loaded, model, x, arch)
     # Names as transformers' own save_pretrained writes them (per expert, the hub's spelling).
     fp, _ = tiny_model(arch)
     fp.save_pretrained(tmp_path / "fp")
@@ -102,7 +117,8 @@ def test_gptq_per_group_and_8_bit_exports_reproduce_the_logits_bit_for_bit(arch,
     gptq = GPTQConfig(group_size=group_size, min_tokens=1)
     model, tok, x = _quantized(arch, quant, gptq=gptq)
     info, loaded = _export_and_load(model, tok, tmp_path / "ct")
-    assert info["lost"] == [] and torch.equal(_logits(loaded, x), _logits(model, x))
+    assert info["lost"] == []
+    _assert_same_logits(loaded, model, x, arch)
     groups = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]
     assert {g["weights"]["group_size"] for g in groups.values()} == {group_size}
 
@@ -116,7 +132,7 @@ def test_bfloat16_export_reproduces_the_logits_bit_for_bit_once_cast(tmp_path):
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16, torch.float32}
     for p in loaded.parameters():
         p.data = p.data.to(torch.bfloat16)
-    assert torch.equal(_logits(loaded, x), _logits(model, x))
+    _assert_same_logits(loaded, model, x, "olmoe")
 
 
 def _inputs(model, x) -> dict:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import main
+from eaquant_ext.cli import parse_args
 from duquant import packed
 from duquant.config import CHOICES, QUANT_CHOICES, DuQuantConfig, QuantConfig
 from duquant.kvquant import KVQuant
@@ -125,14 +126,13 @@ def test_fp_propagation_calibrates_every_layer_on_fp_inputs():
 
 def test_official_eaquant_recipe_at_16_bits_leaves_logits_unchanged():
     model, tok = outlier_model("qwen2_moe")
-    args = main.parse_args(["--recipe", "official", "--eaquant", "--max_rotation_step", "16", "--block_size", "32"])
-    cfg = official(**{k: getattr(args, k) for k in ("smooth_weight", "smooth_scale_floor", "o_smooth",
-                                                     "rotation_data", "propagation")})
+    run = main.build_config(["--recipe", "eaquant,official", "--max_rotation_step", "16", "--block_size", "32"])
+    cfg = official(**{k: getattr(run.duquant, k) for k in ("smooth_weight", "smooth_scale_floor", "o_smooth",
+                                                            "rotation_data", "propagation")})
     calib, x = tiny_data(tok)
     with torch.no_grad():
         ref = model(x).logits
-    ea = main.build_eaquant(args)
-    quantize_model(model, get_spec(model), calib, FP, cfg, main.extensions(ea), seed=0)
+    quantize_model(model, get_spec(model), calib, FP, cfg, main.extensions(run), seed=0)
     with torch.no_grad():
         assert rel_err(model(x).logits, ref) < 1e-4
 
@@ -238,14 +238,15 @@ def test_minmax_activation_range_survives_save_and_load(tmp_path):
 
 
 def test_recipe_fills_unset_options_and_explicit_options_win():
-    args = main.parse_args(["--recipe", "official", "--rotation", "paper", "--no-smooth"])
+    args = parse_args(["--recipe", "official", "--rotation", "paper", "--no-smooth"])[0]
     assert args.smooth_stats == "fp" and args.rotation_data == "mean" and args.act_range == "minmax"
     assert args.rotation == "paper" and args.smooth is False
-    assert main.parse_args([]).smooth_stats == "quantized"
+    assert parse_args([])[0].smooth_stats == "quantized"
     for name, (duquant, eaquant) in RECIPES.items():
-        parsed = main.parse_args(["--recipe", name])
+        parsed = parse_args(["--recipe", name])[0]
         assert all(getattr(parsed, k) == v for k, v in duquant.items())
-        parsed = main.parse_args(["--recipe", name, "--method", "eaquant"])
-        assert all(getattr(parsed, k) == v for k, v in eaquant.items())
-    eaquant = main.parse_args(["--recipe", "official", "--eaquant"])
+        for spelling in (["--recipe", name, "--method", "eaquant"], ["--recipe", f"eaquant,{name}"]):
+            parsed = parse_args(spelling)[0]
+            assert all(getattr(parsed, k) == v for k, v in eaquant.items())
+    eaquant = parse_args(["--recipe", "official", "--eaquant"])[0]
     assert eaquant.propagation == "fp" and eaquant.align_rule == "official" and eaquant.smooth_weight == "all_readers"

@@ -16,6 +16,7 @@ import pytest
 
 import duquant.pipeline as pipeline
 import main
+from eaquant_ext import cli
 from duquant.config import ConfigError
 from models.files import WriteError, remove_stale_temporaries, write_dir_atomically, write_file_atomically
 from models.tiny import tiny_model
@@ -125,14 +126,14 @@ def test_a_damaged_shard_is_one_line(damage, stream, tmp_path, capsys):
 
 
 def test_every_numeric_option_has_a_range():
-    args = main.parse_args([])
+    args = cli.parse_args([])[0]
     numeric = {k for k, v in vars(args).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    assert numeric - set(main.RANGES) - set(main.SAVED_BITS) == set()
+    assert numeric - set(cli.RANGES) - set(cli.SAVED_BITS) == set()
 
 
 def test_abbreviated_options_are_not_guessed(capsys):
     with pytest.raises(SystemExit) as e:
-        main.parse_args(["--mod", "tiny-mixtral"])
+        cli.parse_args(["--mod", "tiny-mixtral"])
     assert e.value.code == 2 and "unrecognized arguments: --mod" in capsys.readouterr().err
 
 

@@ -1,5 +1,6 @@
 """MoEQuant's parts: GPTQ (alone and after DuQuant's transforms), AGQ, EBSS, and the CLI switches."""
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -138,7 +139,7 @@ def _qkv_calibration_errors(cfg) -> list[float]:
     base, tok = outlier_model("mixtral")
     calib, _ = tiny_data(tok, nsamples=4)
     fp = copy.deepcopy(base)
-    quantize_model(fp, get_spec(fp), calib, QuantConfig(16, 16), cfg, seed=0)
+    quantize_model(fp, get_spec(fp), calib, QuantConfig(16, 16), dataclasses.replace(cfg, fit_at_16_bits=True), seed=0)
     errors = []
     for gptq in (GPTQConfig(), None):
         quant = copy.deepcopy(base)
@@ -270,7 +271,7 @@ def test_cli_moequant_end_to_end(tmp_path, capsys):
                       "--eval_ppl", "", "--output_dir", str(tmp_path))
     assert rc == 0 and "EBSS calibration" in out
     res = json.loads((tmp_path / "results.json").read_text())
-    assert res["method"] == "moequant" and res["config"]["run"]["calib_dataset"] == "ebss"
+    assert res["method"] == "moequant" and res["config"]["moequant"]["ebss"]
     assert res["config"]["moequant"]["agq"] and res["config"]["moequant"]["ebss_width"] == 2
     assert res["ebss"]["nsamples"] == 2 and 0 <= res["ebss"]["balance_std"]
     assert set(res["layers"][0]["gptq"]["agq"]["gate_approx_cos"]) == {"0.1", "0.3", "0.5", "0.7", "0.9"}
@@ -278,7 +279,8 @@ def test_cli_moequant_end_to_end(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "tiny-llama", "--agq", "--seqlen", "64"], "require an MoE model"),
-    (["--model", "tiny-llama", "--calib_dataset", "ebss", "--seqlen", "64"], "require an MoE model"),
+    (["--model", "tiny-llama", "--ebss", "--seqlen", "64"], "require an MoE model"),
+    (["--model", "tiny-mixtral", "--calib_dataset", "ebss"], "--calib_dataset ebss is now --ebss"),
     (["--model", "tiny-llama", "--moequant", "--seqlen", "64"], "require an MoE model"),
     (["--model", "tiny-mixtral", "--act_order"], "add --gptq"),
     (["--model", "tiny-mixtral", "--method", "fp", "--gptq"], "not fp"),
@@ -291,14 +293,17 @@ def test_bad_moequant_input_is_one_line(argv, message, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_method_names():
-    args = main.parse_args(["--method", "rtn", "--moequant"])
-    ea = main.build_eaquant(args)
-    mq, gptq = main.build_moequant(args)
-    assert main.method_name(args, ea, mq, gptq) == "moequant"
-    args = main.parse_args(["--method", "rtn", "--gptq"])
-    assert main.method_name(args, ea, *main.build_moequant(args)) == "rtn+gptq"
-    args = main.parse_args(["--gptq", "--agq", "--no-agq_gate"])
-    assert main.method_name(args, ea, *main.build_moequant(args)) == "duquant+gptq+agq-nogate"
-    args = main.parse_args(["--moequant"])
-    assert main.method_name(args, ea, *main.build_moequant(args)) == "duquant+moequant"
+@pytest.mark.parametrize("argv, name", [
+    (["--method", "rtn", "--moequant"], "moequant"),
+    (["--recipe", "moequant"], "moequant"),
+    (["--method", "moequant"], "moequant"),
+    (["--method", "rtn", "--gptq"], "rtn+gptq"),
+    (["--recipe", "gptq"], "rtn+gptq"),
+    (["--gptq", "--agq", "--no-agq_gate"], "duquant+gptq+agq-nogate"),
+    (["--moequant"], "duquant+moequant"),
+    (["--recipe", "moequant", "--method", "duquant"], "duquant+moequant"),
+    (["--recipe", "eaquant"], "eaquant"),
+    (["--recipe", "eaquant", "--no-calib_balance"], "duquant+sa-maximum+ra"),
+])
+def test_method_names(argv, name):
+    assert main.build_config(argv).method == name

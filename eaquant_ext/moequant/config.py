@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from duquant.config import ConfigError
 
 
-@dataclass
+@dataclass(frozen=True)
 class MoEQuantConfig:
     """MoEQuant's MoE-specific parts; `--moequant` turns on GPTQ (duquant.config.GPTQConfig), AGQ and EBSS.
 
@@ -23,7 +23,7 @@ class MoEQuantConfig:
     ebss_cache_dir: str | None = None  # default results/ebss_cache
 
     def __post_init__(self):
-        self.agq_c = tuple(float(c) for c in self.agq_c)
+        object.__setattr__(self, "agq_c", tuple(float(c) for c in self.agq_c))  # frozen after this
         if any(not 0.0 < c <= 1.0 for c in self.agq_c):
             raise ConfigError(f"--agq_c {','.join(f'{c:g}' for c in self.agq_c)}: every c must be in (0, 1]")
         if self.ebss_tau <= 0:
