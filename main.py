@@ -189,7 +189,10 @@ def check_model_support(run: RunConfig, model, spec) -> None:
 def describe_run(run: RunConfig, model) -> str:
     q = run.quant
     bits = "" if q is None else f" {q.tag} (kv {q.kv_bits}, router w{q.router_wbits}a{q.router_abits})"
-    calib = "" if q is None else f", calibration {run.data.nsamples} x {run.data.seqlen} from {run.data.calib_dataset}"
+    calib = "" if q is None else f", calibration {run.data.nsamples} x {run.data.seqlen} from " + (
+        "EBSS" if run.moequant.ebss else run.data.calib_dataset)
+    if q is not None and not needs_calibration(q, run.duquant, run.gptq, extensions(run)):
+        calib = ", data-free (no calibration)"
     return (f"model {run.model} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
             f"method {run.method}{bits}{calib}, eval {','.join(run.eval.eval_ppl) or 'none'} "
             f"(windows {run.eval.ppl_samples or 'all'}), device {run.device}")

@@ -7,7 +7,7 @@ For every set: the expert-balance std (MoEQuant Eq. 3-4, `duquant.diagnostics.ex
 routing of the FP model) and the set's perplexity under the model (EBSS aims at both: balanced
 AND likely). Text sets are seeded random `seqlen` windows: C4 train and Gutenberg train as
 `--calib_dataset` draws them, and WikiText-2 *test* (train is not bundled). EBSS sets come
-from the same cache as `main.py --calib_dataset ebss`.
+from the same cache as `main.py --ebss`.
 """
 from __future__ import annotations
 

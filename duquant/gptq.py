@@ -107,6 +107,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, quantizer: Weight
     Without a batch dimension the grid has none either.
     `group_size` gives every `group_size` consecutive columns (in quantization order) their own
     scale and zero point, computed from the already-updated weights when the group starts.
+    The column loop is kept in one function, as in the reference GPTQ code, so the error feedback
+    reads in one place (about 70 lines).
     """
     if quantizer.bits >= 16:
         return GPTQResult(weight, torch.zeros(weight.shape[:-2] or (1,)), None, None, None)

@@ -77,20 +77,9 @@ class GroupHessians:
         return self.hessians.get(self.key_of.get(q))
 
 
-@torch.no_grad()
-def gptq_layer(layer: nn.Module, view: LayerView, lq: LayerQuantizer, cfg: GPTQConfig, hessian_weights,
-               run: Callable[[bool], None]) -> dict:
-    """Collect the Hessians of every deferred QLinear with one calibration pass (`run(False)`; and
-    `run(True)` for expert-only extra data) and replace each weight by its GPTQ rounding.
-
-    Matrices with fewer than `cfg.min_tokens` calibration rows (dead experts) are rounded to nearest.
-    Matrices of one shape and grid (the experts of a layer) go through one batched column loop.
-    """
-    t0 = time.time()
-    deferred = lq.deferred
-    if not deferred:  # nothing below 16 bits in this layer
-        return {"fallback": [], "loss": 0.0, "seconds": 0.0}
-    groups = [GroupHessians(g, None) for g in gptq_groups(view, deferred, lq.reader_bits)]
+def collect_hessians(view: LayerView, groups: list[GroupHessians], hessian_weights, run: Callable[[bool], None]):
+    """One pass over the calibration inputs (`run(False)`), then one over the expert-only extra data
+    (`run(True)`) for the routed experts' groups alone; returns the token weighting's report or None."""
     routed = {unwrap(p) for e in view.experts for p in (e.gate_proj, e.up_proj, e.down_proj)}
     weighting = hessian_weights(view) if hessian_weights is not None and view.is_moe else nullcontext()
     with weighting as token_weights:
@@ -106,23 +95,29 @@ def gptq_layer(layer: nn.Module, view: LayerView, lq: LayerQuantizer, cfg: GPTQC
         finally:
             for h in handles:
                 h.remove()
+    return token_weights.report() if token_weights is not None else None
+
+
+def plan_rounding(layer: nn.Module, groups: list[GroupHessians], min_tokens: int, info: dict) -> dict[tuple, list]:
+    """Matrices batched by (shape, grid) for GPTQ; those whose Hessian saw fewer than `min_tokens`
+    rows (dead experts) are rounded to nearest right away and listed in info["fallback"]."""
     names = {m: n for n, m in layer.named_modules()}
-    info: dict = {"fallback": [], "loss": 0.0}
-    if token_weights is not None:
-        info["agq"] = token_weights.report()
     jobs: dict[tuple, list] = {}
     for g in groups:
         for q, wq in g.members:
             h = g.hessian(q)
-            if h is None or h.tokens < cfg.min_tokens:
+            if h is None or h.tokens < min_tokens:
                 info["fallback"].append(names.get(q, "?"))
                 q.set_quantized(wq.quantize(q.inner.weight.data.float()))
                 continue
             key = (tuple(q.inner.weight.shape), wq.bits, wq.sym, wq.clip_ratio, wq.clip)
             jobs.setdefault(key, []).append((q, wq, h))
-    if info["fallback"]:
-        log.warning("layer %d: GPTQ fell back to round-to-nearest for %d matrices with fewer than %d calibration "
-                    "rows: %s", view.index, len(info["fallback"]), cfg.min_tokens, ", ".join(info["fallback"]))
+    return jobs
+
+
+def round_batches(view: LayerView, jobs: dict[tuple, list], cfg: GPTQConfig, info: dict) -> None:
+    """GPTQ on each batch of same-shape matrices; the router's and the experts' gate_proj output
+    cosine (FP vs quantized, under their Hessians) is reported, as AGQ's diagnostics read it."""
     gate_ins = {unwrap(e.gate_proj) for e in view.experts}
     cos: dict[str, list[float]] = {"router": [], "expert_gate_proj": []}
     for (shape, *_), items in jobs.items():
@@ -142,5 +137,23 @@ def gptq_layer(layer: nn.Module, view: LayerView, lq: LayerQuantizer, cfg: GPTQC
     for k, v in cos.items():
         if v:
             info[f"{k}_out_cos"] = sum(v) / len(v)
+
+
+@torch.no_grad()
+def gptq_layer(layer: nn.Module, view: LayerView, lq: LayerQuantizer, cfg: GPTQConfig, hessian_weights,
+               run: Callable[[bool], None]) -> dict:
+    """Collect the Hessians of every deferred QLinear and replace each weight by its GPTQ rounding.
+    Matrices of one shape and grid (the experts of a layer) go through one batched column loop."""
+    t0 = time.time()
+    if not lq.deferred:  # nothing below 16 bits in this layer
+        return {"fallback": [], "loss": 0.0, "seconds": 0.0}
+    groups = [GroupHessians(g, None) for g in gptq_groups(view, lq.deferred, lq.reader_bits)]
+    agq = collect_hessians(view, groups, hessian_weights, run)
+    info: dict = {"fallback": [], "loss": 0.0, **({"agq": agq} if agq is not None else {})}
+    jobs = plan_rounding(layer, groups, cfg.min_tokens, info)
+    if info["fallback"]:
+        log.warning("layer %d: GPTQ fell back to round-to-nearest for %d matrices with fewer than %d calibration "
+                    "rows: %s", view.index, len(info["fallback"]), cfg.min_tokens, ", ".join(info["fallback"]))
+    round_batches(view, jobs, cfg, info)
     info["seconds"] = time.time() - t0
     return info
