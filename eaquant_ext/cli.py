@@ -414,16 +414,25 @@ def _parse_value(text: str, current):
     return text
 
 
+def _owner_of(run: RunConfig, key: str) -> tuple[str, str]:
+    """(section, field) that --set KEY names: `section.field`, or a field name found in one section."""
+    section, _, name = key.rpartition(".")
+    candidates = [section] if section else [s for s in SECTIONS if getattr(run, s) is not None]
+    owners = [s for s in candidates if s in SECTIONS and getattr(run, s) is not None
+              and name in {f.name for f in fields(getattr(run, s))}]
+    if len(owners) != 1:
+        problem = "no such option" if not owners else "ambiguous: write " + " or ".join(f"{o}.{name}" for o in owners)
+        raise ConfigError(f"--set {key}: {problem}; python main.py --help-recipes lists every key")
+    return owners[0], name
+
+
 def apply_sets(run: RunConfig, settings: list[str]) -> RunConfig:
-    """--set key=value (key: a field name, or section.field where names repeat), re-validated."""
+    """--set KEY=VALUE, each applied to a fresh copy of its section (re-validated there)."""
     for item in settings:
         key, sep, text = item.partition("=")
-        owners = [s for s in SECTIONS if getattr(run, s) is not None and (key.partition(".")[2] or key) in
-                  {f.name for f in fields(getattr(run, s))} and (not key.partition(".")[2] or key.partition(".")[0] == s)]
-        if not sep or len(owners) != 1:
-            raise ConfigError(f"--set {item!r}: {'expected KEY=VALUE' if not sep else 'no such option' if not owners else 'ambiguous: write ' + ' or '.join(f'{o}.{key}' for o in owners)}"
-                              "; python main.py --help-recipes lists every key")
-        section, name = owners[0], key.partition(".")[2] or key
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set min_expert_tokens=8")
+        section, name = _owner_of(run, key)
         current = getattr(getattr(run, section), name)
         try:
             value = _parse_value(text, current)
