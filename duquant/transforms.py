@@ -260,14 +260,16 @@ def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: 
     smallest max |x| (per block, or global), the identity included, so the result is never worse
     than no rotation.
 
-    The search is bound by its matmuls (steps x rows x b^2), so it runs in float32, the running
-    product included; the kept product is then snapped to the nearest orthogonal matrix (polar
-    factor, float64), so the stored rotation is orthogonal to float64 precision and still within
-    ~1e-6 of the exact product of the chosen steps. Every step writes into the same preallocated
-    buffers: a fresh rows-sized tensor per step, freed while small ones survive it, fragments the
-    heap (resident memory grew by tens of MB per layer that way) and costs page faults.
+    The search is bound by its matmuls (steps x rows x b^2), so it runs in float32; it records
+    which channel each step spread and how many steps each block keeps, and `_kept_product` then
+    multiplies only the kept steps, instead of a running product of every step (another b^3 per
+    block and step, most of them past the block's last improvement). The kept product is snapped
+    to the nearest orthogonal matrix (polar factor, float64), so the stored rotation is orthogonal
+    to float64 precision and still within ~1e-6 of the exact product of the chosen steps. Every
+    step writes into the same preallocated buffers: a fresh rows-sized tensor per step, freed while
+    small ones survive it, fragments the heap (resident memory grew by tens of MB per layer that
+    way) and costs page faults.
     """
-    n, _, b = xb.shape
     cur = xb.float()
 
     def peak(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,26 +278,44 @@ def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: 
             a = y.abs()
             block, token, col = torch.unravel_index(a.argmax(), a.shape)
             score = a[block, token, col] if stop == "absmax" else y.amax() - y.amin()
-            return score.reshape(1), ((token * n + block) % b).reshape(1)
+            return score.reshape(1), ((token * xb.shape[0] + block) % xb.shape[2]).reshape(1)
         hi, lo = y.amax(1), y.amin(1)  # per channel, no |y| copy of the rows
         score, channel = torch.maximum(hi, -lo).max(-1)
         return (score if stop == "absmax" else hi.amax(-1) - lo.amin(-1)), channel
 
     best, channel = peak(cur)
-    rot = torch.eye(b, device=xb.device).repeat(channel.shape[0], 1, 1)
-    best_rot, step = rot.clone(), torch.empty_like(rot)
-    spare_cur, spare_rot = torch.empty_like(cur), torch.empty_like(rot)
+    spread = torch.empty(max_steps, channel.shape[0], dtype=torch.long, device=xb.device)
+    kept = torch.zeros_like(channel)  # steps in each block's best prefix
     g32 = g.float()
-    for _ in range(max_steps):
+    step = torch.empty(channel.shape[0], xb.shape[2], xb.shape[2], device=xb.device)
+    spare_cur = torch.empty_like(cur)
+    for k in range(max_steps):
+        spread[k] = channel
         _step_matrices(g32, channel, out=step)
         cur, spare_cur = torch.matmul(cur, step, out=spare_cur), cur
-        rot, spare_rot = torch.matmul(rot, step, out=spare_rot), rot
         score, channel = peak(cur)
         better = score < best
         best = torch.where(better, score, best)
-        best_rot[better] = rot[better]
-    u, _, vh = torch.linalg.svd(best_rot.double())
+        kept = torch.where(better, k + 1, kept)
+    u, _, vh = torch.linalg.svd(_kept_product(g32, spread, kept).double())
     return u @ vh
+
+
+def _kept_product(g: torch.Tensor, spread: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Per block i, the product of its first kept[i] step matrices [m, b, b] (float32), given the
+    channel each step spread (spread [steps, m]) and the spreading matrix g ([b, b] or [m, b, b]).
+
+    The product is formed left to right, step by step, exactly as a running product over the
+    search would form it; each step multiplies only the blocks that keep it. Every block's
+    product is its own batched matmul, so leaving other blocks out of the batch changes no bit.
+    """
+    m, b = kept.shape[0], g.shape[-1]
+    rot = torch.eye(b, device=g.device).repeat(m, 1, 1)
+    for k in range(int(kept.max()) if m else 0):
+        active = (kept > k).nonzero().squeeze(1)
+        g_active = g if g.dim() == 2 else g[active]
+        rot[active] = torch.matmul(rot[active], _step_matrices(g_active, spread[k, active]))
+    return rot
 
 
 def _blocks_of(x: torch.Tensor, b: int) -> torch.Tensor:

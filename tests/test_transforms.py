@@ -2,6 +2,7 @@ import einops
 import pytest
 import torch
 
+from duquant import transforms
 from duquant.transforms import (
     BlockRotation,
     _spreading_matrix,
@@ -260,3 +261,57 @@ def test_act_matrix_only_where_one_matmul_is_cheaper():
     rotations = fit_rotations([x], block_size=16, max_steps=4)[0]  # 4 blocks of 16 in R1 and R2
     assert act_matrix(rotations, 64) is None
     assert act_matrix(Compose([Smooth(torch.ones(64, dtype=torch.float64)), Permutation(torch.arange(64))]), 64) is None
+
+
+def _running_product_search(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: bool, stop: str = "absmax") -> torch.Tensor:
+    """The search as it was before `_kept_product`: a running product of every step, the best
+    prefix copied out whenever a block improves. Kept as the reference the new one must match bit for bit."""
+    n, _, b = xb.shape
+    cur = xb.float()
+
+    def peak(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The score per block (or global) and the channel the next step should spread."""
+        if shared:
+            a = y.abs()
+            block, token, col = torch.unravel_index(a.argmax(), a.shape)
+            score = a[block, token, col] if stop == "absmax" else y.amax() - y.amin()
+            return score.reshape(1), ((token * n + block) % b).reshape(1)
+        hi, lo = y.amax(1), y.amin(1)  # per channel, no |y| copy of the rows
+        score, channel = torch.maximum(hi, -lo).max(-1)
+        return (score if stop == "absmax" else hi.amax(-1) - lo.amin(-1)), channel
+
+    best, channel = peak(cur)
+    rot = torch.eye(b, device=xb.device).repeat(channel.shape[0], 1, 1)
+    best_rot, step = rot.clone(), torch.empty_like(rot)
+    spare_cur, spare_rot = torch.empty_like(cur), torch.empty_like(rot)
+    g32 = g.float()
+    for _ in range(max_steps):
+        transforms._step_matrices(g32, channel, out=step)
+        cur, spare_cur = torch.matmul(cur, step, out=spare_cur), cur
+        rot, spare_rot = torch.matmul(rot, step, out=spare_rot), rot
+        score, channel = peak(cur)
+        better = score < best
+        best = torch.where(better, score, best)
+        best_rot[better] = rot[better]
+    u, _, vh = torch.linalg.svd(best_rot.double())
+    return u @ vh
+
+
+@pytest.mark.parametrize("shared, stop, per_block_g", [(False, "absmax", False), (False, "range", True), (True, "absmax", False),
+                                                      (True, "range", False)])
+def test_greedy_search_gives_the_same_bits_as_a_running_product(shared, stop, per_block_g):
+    n, rows, b = 6, 40, 16
+    x = torch.randn(n, rows, b, generator=gen(5)) * torch.rand(n, 1, b, generator=gen(6)) * 10
+    g = (torch.stack([transforms._spreading_matrix(b, s) for s in range(n)]) if per_block_g
+         else transforms._spreading_matrix(b, 0)).float()
+    new = transforms._greedy_rotation(x.clone(), 40, g, shared, stop)
+    assert torch.equal(new, _running_product_search(x.clone(), 40, g, shared, stop))
+
+
+def test_fitted_rotations_are_bitwise_those_of_the_running_product(monkeypatch):
+    xs = [_outlier_acts(300, 80) * (1 + i) for i in range(3)]
+    new = fit_rotations(xs, block_size=32, max_steps=30, seed=[1, 2, 3])
+    monkeypatch.setattr(transforms, "_greedy_rotation", _running_product_search)
+    old = fit_rotations(xs, block_size=32, max_steps=30, seed=[1, 2, 3])
+    for a, b in zip(new, old):
+        assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
