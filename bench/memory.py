@@ -54,12 +54,21 @@ def matrices(layer: torch.nn.Module) -> list[tuple[int, int, int]]:
     return out
 
 
-def distinct_inputs(mats: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
-    """(count, width) of each distinct input a layer's matrices read, as statistics and Hessians see
-    them: matrices of one count and width are taken to share an input (q/k/v; each expert's gate
-    and up), plus o_proj, which has the width of q/k/v but an input of its own."""
-    widths = sorted({(count, width) for count, _, width in mats})
-    return widths + [(1, max(w for c, w in widths if c == 1))]
+def site_inputs(model, spec, index: int) -> list[tuple[int, int]]:
+    """(count, width) of the distinct inputs of layer `index`, as statistics and Hessians see them:
+    its declared sites (models/sites.py), the routed experts' sites of one kind counted together.
+    Unfused on the meta device when the model is there, so no expert weight is allocated."""
+    from collections import Counter
+
+    from models.experts import unfuse_experts
+    from models.sites import layer_sites
+    from models.spec import decoder_layers, resolve
+
+    with torch.device(next(model.parameters()).device):
+        unfuse_experts(model, spec, index)
+    view = resolve(spec, decoder_layers(model, spec)[index], model.config, index)
+    counts = Counter((site.expert is not None, site.fold, site.hook.weight.shape[1]) for site in layer_sites(view))
+    return [(count, width) for (_, _, width), count in counts.items()]
 
 
 def predict(model, spec, nsamples: int, seqlen: int, rotation_tokens: int, gptq: bool, cpu: bool,
@@ -73,7 +82,7 @@ def predict(model, spec, nsamples: int, seqlen: int, rotation_tokens: int, gptq:
     per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
     big = max(range(len(layers)), key=per_layer.__getitem__)
     mats = matrices(layers[big])
-    inputs = distinct_inputs(mats)
+    inputs = site_inputs(model, spec, big)
     d = {
         "layer_weights": per_layer[big] * wbytes,
         "activations": (nsamples + 1) * seqlen * hidden * wbytes,
