@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from .spec import ModelSpec, decoder_layers, get_module, set_module
+from .spec import ModelSpec, decoder_layers, get_module, layer_spec, set_module
 
 # The 3-D tensors of a fused experts module, emptied once unfused (the shell keeps only its config).
 FUSED_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
@@ -86,6 +86,53 @@ class LinearExperts(nn.ModuleList):
         return out
 
 
+class GammaRMSNorm(nn.Module):
+    """An RMSNorm computing x_hat * (offset + w) (Qwen3-Next's norms, offset 1) rewritten as
+    x_hat * gamma with gamma = offset + w in float32, the same numbers: smoothing divides gamma
+    (models/sites.py "norm"), which it could not do to w. `restore` writes w back."""
+
+    def __init__(self, norm: nn.Module, offset: float):
+        super().__init__()
+        self.eps, self.offset = norm.eps, offset
+        self.weight = nn.Parameter(offset + norm.weight.detach().float(), requires_grad=False)
+        self.__dict__["_original"] = norm  # unregistered: out of state_dict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * self.weight.float()).type_as(x)
+
+    def restore(self) -> nn.Module:
+        norm = self._original
+        norm.weight.data = (self.weight.data - self.offset).to(norm.weight.dtype)
+        return norm
+
+
+def _norm_paths(spec: ModelSpec, config, index: int) -> list[str]:
+    s = layer_spec(spec, config, index)
+    return [s.attn_norm, s.mlp_norm] + [n for n, _ in s.inner_norms]
+
+
+def _rewrite_norms(model: nn.Module, spec: ModelSpec, layer: int | None) -> None:
+    if not spec.norm_weight_offset:
+        return
+    layers = decoder_layers(model, spec)
+    for i in range(len(layers)) if layer is None else [layer]:
+        for path in _norm_paths(spec, model.config, i):
+            norm = get_module(layers[i], path)
+            if not isinstance(norm, GammaRMSNorm):
+                set_module(layers[i], path, GammaRMSNorm(norm, spec.norm_weight_offset))
+
+
+def _restore_norms(model: nn.Module, spec: ModelSpec) -> None:
+    layers = decoder_layers(model, spec)
+    for i, layer in enumerate(layers):
+        for path in _norm_paths(spec, model.config, i):
+            norm = get_module(layer, path)
+            if isinstance(norm, GammaRMSNorm):
+                set_module(layer, path, norm.restore())
+
+
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     lin.weight = nn.Parameter(weight.clone(), requires_grad=False)
@@ -152,15 +199,19 @@ def _experts_paths(model: nn.Module, spec: ModelSpec, layer: int | None) -> list
 
 
 def unfuse_experts(model: nn.Module, spec: ModelSpec, layer: int | None = None) -> None:
-    """Replace every MoE layer's experts (or only decoder layer `layer`'s) by `LinearExperts`
-    (idempotent, exact). One layer at a time lets a streamed layer be unfused once it is read."""
+    """Replace every MoE layer's experts (or only decoder layer `layer`'s) by `LinearExperts`, and
+    offset norms by `GammaRMSNorm` (idempotent, exact). One layer at a time lets a streamed layer be
+    unfused once it is read."""
+    _rewrite_norms(model, spec, layer)
     layers = decoder_layers(model, spec)
     for path in _experts_paths(model, spec, layer):
         set_module(layers, path, _as_linear_experts(get_module(layers, path), spec))
 
 
 def fuse_experts(model: nn.Module, spec: ModelSpec) -> None:
-    """Write unfused experts back into their original 3-D layout (for a plain HF checkpoint)."""
+    """Write unfused experts back into their original 3-D layout, and offset norms back into their
+    original form (for a plain HF checkpoint)."""
+    _restore_norms(model, spec)
     layers = decoder_layers(model, spec)
     for path in moe_layer_paths(model, spec):
         linear = get_module(layers, path)

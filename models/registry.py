@@ -83,6 +83,30 @@ def _mla_variant(**kw) -> Callable[[object], ModelSpec]:
     return lambda config: with_lora if config.q_lora_rank is not None else without
 
 
+HYBRID_KV = ("its linear-attention layers keep a recurrent state, not a KV cache, and per-layer KV quantization "
+             "of the full-attention layers alone is not implemented; --kv_bits must stay 16")
+
+
+def _linear_attention(attn_in: tuple[str, ...]) -> Callable[[object, int], dict]:
+    """Qwen3-Next / Qwen3.5: `layer_types` says which layers are Gated DeltaNet linear attention. Their
+    input projections read input_layernorm; out_proj reads the gated-normed recurrent output, which no
+    per-channel weight produces (the gated norm's weight is shared by all heads), so its smoothing is
+    applied online. The recurrence (conv1d, decay, delta rule) stays in full precision."""
+    linear = dict(attn="linear_attn", attn_in=attn_in, attn_out="linear_attn.out_proj", attn_value=None)
+    return lambda config, i: linear if config.layer_types[i] == "linear_attention" else {}
+
+
+QWEN3_NEXT = ModelSpec(
+    name="qwen3_next", shared_experts="shared_expert", shared_expert_gate="shared_expert_gate",
+    is_moe_layer=_qwen_is_moe, num_experts_attr="num_experts", norm_weight_offset=1.0,
+    layer_overrides=_linear_attention(("linear_attn.in_proj_qkvz", "linear_attn.in_proj_ba")),
+    kv_quant_unsupported=HYBRID_KV)
+QWEN3_5_MOE = ModelSpec(
+    name="qwen3_5_moe_text", shared_experts="shared_expert", shared_expert_gate="shared_expert_gate",
+    num_experts_attr="num_experts", norm_weight_offset=1.0,
+    layer_overrides=_linear_attention(("linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.in_proj_b",
+                                       "linear_attn.in_proj_a")),
+    kv_quant_unsupported=HYBRID_KV)
 GLM4_MOE = ModelSpec(name="glm4_moe", shared_experts="shared_experts", is_moe_layer=_after_dense_prefix,
                      num_experts_attr="n_routed_experts", routing=routing.sigmoid_grouped)
 DOTS1 = ModelSpec(name="dots1", shared_experts="shared_experts", is_moe_layer=_after_dense_prefix,
@@ -120,6 +144,8 @@ SPECS: dict[str, ModelSpec | Callable[[object], ModelSpec]] = {
     "GraniteMoeForCausalLM": GRANITEMOE,
     "MiniMaxM2ForCausalLM": MINIMAX_M2,
     "HunYuanMoEV1ForCausalLM": HUNYUAN_V1_MOE,
+    "Qwen3NextForCausalLM": QWEN3_NEXT,
+    "Qwen3_5MoeForCausalLM": QWEN3_5_MOE,
 }
 
 

@@ -6,7 +6,7 @@ new architecture is one `ModelSpec(...)` literal.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch.nn as nn
@@ -59,6 +59,12 @@ class ModelSpec:
     expert_kind: str = "swiglu"
     # (config, MoE block, router, top_k) -> the layer's routing function (models/routing.py).
     routing: RoutingBuilder = softmax_topk
+    # Hybrid models (Qwen3-Next): (config, layer index) -> the ModelSpec fields that differ in that layer
+    # (its attention paths), or None where every layer is laid out alike.
+    layer_overrides: Callable | None = None
+    # Norms computing x_hat * (offset + weight) (Qwen3-Next: 1); models/experts.py rewrites a layer's
+    # attention and MLP norms as plain x_hat * gamma norms, which smoothing can divide.
+    norm_weight_offset: float = 0.0
     # Why --kv_bits < 16 cannot be honoured for this family (None: duquant/kvquant.py applies), e.g.
     # MLA caches a latent rather than per-head K/V; the CLI refuses with this reason.
     kv_quant_unsupported: str | None = None
@@ -178,8 +184,14 @@ def decoder_layers(model: nn.Module, spec: ModelSpec) -> nn.ModuleList:
     return get_module(model, spec.layers)
 
 
+def layer_spec(spec: ModelSpec, config, index: int) -> ModelSpec:
+    """The adapter as it applies to layer `index` (a hybrid model's linear-attention layers differ)."""
+    return spec if spec.layer_overrides is None else replace(spec, **spec.layer_overrides(config, index))
+
+
 def resolve(spec: ModelSpec, layer: nn.Module, config, index: int) -> LayerView:
     """Resolve one decoder layer. Fused 3-D experts must be unfused first (models/experts.py)."""
+    spec = layer_spec(spec, config, index)
     mlp = get_module(layer, spec.mlp)
     view = LayerView(
         index=index,

@@ -85,6 +85,19 @@ TINY = {
     "minimax_m2": dict(
         model_type="minimax_m2", intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
     ),
+    # Hybrid: Gated DeltaNet linear attention, then gated full attention; (1 + w) norms.
+    "qwen3_next": dict(
+        model_type="qwen3_next", intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+        num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[], head_dim=16,
+        layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+    ),
+    "qwen3_5_moe_text": dict(
+        model_type="qwen3_5_moe_text", moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4,
+        num_experts_per_tok=2, head_dim=16, layer_types=["linear_attention", "full_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+        linear_conv_kernel_dim=4,
+    ),
     "hunyuan_v1_moe": dict(
         model_type="hunyuan_v1_moe", intermediate_size=48, num_experts=4, moe_topk=2, head_dim=16,
     ),
