@@ -15,13 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .config import check_bits
+
 # Keeps the scale of an all-zero (or constant) row finite, so no row ever divides by zero.
 MIN_SCALE = 1e-8
-
-
-def check_bits(bits: int) -> None:
-    if not (2 <= bits <= 8 or bits >= 16):
-        raise ValueError(f"bits must be in 2..8, or >= 16 for no quantization; got {bits}")
 
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
@@ -46,7 +43,7 @@ def quant_params(
     is the same formula in both modes. `with_zero=False` takes the row's own [min, max]
     even when it does not contain 0, as the published DuQuant code does for activations.
     """
-    check_bits(bits)
+    check_bits("bits", bits)
     if bits >= 16:
         raise ValueError("bits >= 16 means no quantization: there are no quantization parameters")
     x = x.to(_work_dtype(x))
@@ -66,7 +63,7 @@ def quant_params(
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, sym: bool = False) -> torch.Tensor:
     """Integer codes: uint8 in 0..2^b-1 (asymmetric) or int8 in -2^(b-1)..2^(b-1)-1 (symmetric)."""
-    check_bits(bits)
+    check_bits("bits", bits)
     lo, hi = _levels(bits, sym)
     q = (torch.round(x.to(scale.dtype) / scale) + zero).clamp(lo, hi)
     return q.to(torch.int8 if sym else torch.uint8)
@@ -158,7 +155,7 @@ class QuantizedWeight:
 def quantize_with_grid(w: torch.Tensor, bits: int, sym: bool, clip: float | torch.Tensor,
                        with_zero: bool = True) -> QuantizedWeight:
     """Quantize-dequantize each row of the last dimension, keeping the grid (`fake_quant` is its weight)."""
-    check_bits(bits)
+    check_bits("bits", bits)
     if bits >= 16:
         return QuantizedWeight(w)
     scale, zero = quant_params(w, bits, sym, clip, with_zero)
@@ -183,7 +180,7 @@ class WeightQuantizer:
     mse_grid: str = "coarse"  # "coarse": 20 ratios from 1.0 down; "official": 101 ratios from 0.35 up
 
     def __post_init__(self):
-        check_bits(self.bits)
+        check_bits("bits", self.bits)
         if self.clip not in ("minmax", "mse"):
             raise ValueError(f"clip must be 'minmax' or 'mse', got {self.clip!r}")
 
@@ -213,7 +210,7 @@ class ActQuantizer(nn.Module):
 
     def __init__(self, bits: int = 4, sym: bool = False, clip_ratio: float = 1.0, with_zero: bool = True):
         super().__init__()
-        check_bits(bits)
+        check_bits("bits", bits)
         self.bits, self.sym, self.clip_ratio, self.with_zero = bits, sym, clip_ratio, with_zero
 
     @property

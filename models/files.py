@@ -5,6 +5,10 @@ A write that fails (full disk, file-size limit, no permission) raises `WriteErro
 names the file and the fix, after its temporary is removed. Temporaries a killed earlier run left
 behind (`.X.tmp-<pid>`, `.X.old-<pid>` of a process that no longer exists) are removed the next
 time `X` is written, or earlier by `remove_stale_temporaries`.
+
+It is generic file I/O, yet lives in models/ because models/ is the bottom of the import order
+(main.py -> eaquant_ext/ -> duquant/ -> models/) and its own layer streaming (models/lazy.py) and the
+zoo trainer write files too; every package above imports it from here.
 """
 from __future__ import annotations
 
