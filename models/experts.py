@@ -154,11 +154,39 @@ def _expert(fused: nn.Module, kind: str, lins: list[nn.Linear]) -> nn.Module:
     return ExpertMLP(*lins, act_fn=fused.act_fn)
 
 
+class InputWeightedExperts(LinearExperts):
+    """Llama 4's experts as per-expert linears: the block scales each token by its routing weight
+    before the experts (zero for experts it does not use) and calls them on [E * T, H] rows,
+    expert e's tokens in block e. Each expert runs on its nonzero rows only (a zero row's output is
+    zero: the experts have no biases), so its hooks see the routed tokens, scaled as it reads them.
+    Every expert seeing every token (`route_all`) needs the unscaled input, which this call does not
+    carry."""
+
+    weights_scale_input = True
+
+    def forward(self, routed_in: torch.Tensor) -> torch.Tensor:
+        if self.route_all:
+            raise RuntimeError("route_all_tokens: these experts receive routing-weighted inputs (zero for unrouted "
+                               "tokens), so they cannot be calibrated on every token; run without --route_all_tokens")
+        rows = routed_in.view(len(self), -1, routed_in.shape[-1])
+        out = torch.zeros_like(rows)
+        for e, expert in enumerate(self):
+            used = rows[e].ne(0).any(-1).nonzero().squeeze(-1)
+            if used.numel():
+                out[e, used] = expert(rows[e, used]).to(out.dtype)
+        return out.view(-1, routed_in.shape[-1])
+
+
+# Per expert kind: the expert module, whether fused tensors are [E, in, out] when the experts module
+# does not say (`is_transposed`, set by transformers' experts decorator), and the container.
+KINDS = {"swiglu": False, "clamped_swiglu": False, "input_weighted_swiglu": True}
+
+
 def _split_fused(fused: nn.Module, kind: str) -> list[nn.Module]:
     """Per-expert linears from 3-D experts (`[E, out, in]`, or `[E, in, out]` when `is_transposed`),
     with their biases (`gate_up_proj_bias [E, 2I]`, `down_proj_bias [E, H]`) when `has_bias`."""
     gate_up, down = fused.gate_up_proj.data, fused.down_proj.data
-    if getattr(fused, "is_transposed", False):
+    if getattr(fused, "is_transposed", KINDS[kind]):
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
     gates, ups = _split_gate_up(fused, gate_up)
     has_bias = getattr(fused, "has_bias", False)
@@ -173,7 +201,8 @@ def _as_linear_experts(module: nn.Module, spec: ModelSpec) -> LinearExperts:
     if isinstance(module, LinearExperts):
         return module
     if hasattr(module, "gate_up_proj"):
-        linear = LinearExperts(_split_fused(module, spec.expert_kind))
+        container = InputWeightedExperts if spec.expert_kind == "input_weighted_swiglu" else LinearExperts
+        linear = container(_split_fused(module, spec.expert_kind))
         for name in FUSED_TENSORS:
             if hasattr(module, name):
                 setattr(module, name, nn.Parameter(torch.empty(0), requires_grad=False))
@@ -220,7 +249,7 @@ def fuse_experts(model: nn.Module, spec: ModelSpec) -> None:
             continue
         gate_up = _join_gate_up(shell, _stacked(linear, "gate_proj", "weight"), _stacked(linear, "up_proj", "weight"))
         down = _stacked(linear, "down_proj", "weight")
-        if getattr(shell, "is_transposed", False):
+        if getattr(shell, "is_transposed", KINDS[spec.expert_kind]):
             gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
         tensors = {"gate_up_proj": gate_up, "down_proj": down}
         if getattr(shell, "has_bias", False):

@@ -96,6 +96,14 @@ def _linear_attention(attn_in: tuple[str, ...]) -> Callable[[object, int], dict]
     return lambda config, i: linear if config.layer_types[i] == "linear_attention" else {}
 
 
+def _llama4_is_moe(config, i: int) -> bool:
+    """Llama 4 lists its MoE layers (Maverick interleaves dense ones)."""
+    return i in config.moe_layers
+
+
+LLAMA4_TEXT = ModelSpec(name="llama4_text", mlp="feed_forward", router="router", shared_experts="shared_expert",
+                        is_moe_layer=_llama4_is_moe, expert_kind="input_weighted_swiglu",
+                        routing=routing.sigmoid_top_logits_dense)
 QWEN3_NEXT = ModelSpec(
     name="qwen3_next", shared_experts="shared_expert", shared_expert_gate="shared_expert_gate",
     is_moe_layer=_qwen_is_moe, num_experts_attr="num_experts", norm_weight_offset=1.0,
@@ -145,6 +153,7 @@ SPECS: dict[str, ModelSpec | Callable[[object], ModelSpec]] = {
     "MiniMaxM2ForCausalLM": MINIMAX_M2,
     "HunYuanMoEV1ForCausalLM": HUNYUAN_V1_MOE,
     "Qwen3NextForCausalLM": QWEN3_NEXT,
+    "Llama4ForCausalLM": LLAMA4_TEXT,
     "Qwen3_5MoeForCausalLM": QWEN3_5_MOE,
 }
 

@@ -24,9 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 SCORES = ("softmax", "sigmoid")
-WEIGHTS = ("scores", "softmax_of_top_logits")
+WEIGHTS = ("scores", "softmax_of_top_logits", "sigmoid_of_top_logits")
 GROUP_SCORES = ("top2_sum", "max")
-OUTPUTS = ("triple", "logits")
+OUTPUTS = ("triple", "logits", "scores_logits")
 
 
 class Routing(NamedTuple):
@@ -67,8 +67,9 @@ class RoutingFunction:
     choice bias, if any), limited to the `topk_group` best of `n_group` expert groups; the weights
     are the chosen experts' scores, optionally divided by their sum (clamped below by `norm_min`,
     plus `norm_eps`), times `scale`. `weights="softmax_of_top_logits"` chooses by logits and
-    softmaxes the chosen logits instead (gpt-oss, Granite). `output` says what the hooked router
-    module returns: the (logits, weights, index) triple or only the logits.
+    softmaxes the chosen logits instead (gpt-oss, Granite); "sigmoid_of_top_logits" takes their
+    sigmoids (Llama 4). `output` says what the hooked router module returns: the (logits, weights,
+    index) triple, only the logits, or (dense scores [T, E], zero where not chosen; logits) (Llama 4).
     """
 
     top_k: int
@@ -136,9 +137,9 @@ class RoutingFunction:
     def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(index [T, k], weights [T, k]) as the family's MoE block computes them."""
         logits = _at_least_float32(logits)
-        if self.weights == "softmax_of_top_logits":
+        if self.weights != "scores":
             top, index = logits.topk(self.top_k, dim=-1)
-            return index, top.softmax(-1)
+            return index, top.softmax(-1) if self.weights == "softmax_of_top_logits" else top.sigmoid()
         scores = self.scores(logits)
         bias = self.choice_bias()
         choice = scores if bias is None else scores + bias.to(scores.device)
@@ -158,6 +159,10 @@ class RoutingFunction:
         returns its own choice is taken at its word (bit-exact with the block)."""
         if self.output == "logits":
             return self.from_logits(output)
+        if self.output == "scores_logits":
+            scores, logits = output
+            weights, index = scores.topk(self.top_k, dim=-1)  # the chosen experts' scores are the nonzero ones
+            return Routing(logits, self.probs(logits), index, weights)
         logits, weights, index = output
         logits = logits.reshape(-1, logits.shape[-1])
         return Routing(logits, self.probs(logits), index.reshape(logits.shape[0], -1),
@@ -245,3 +250,9 @@ def softmax_topk_of_logits(config, mlp: nn.Module, router: nn.Module, top_k: int
     """A router linear that returns logits only, its block doing softmax top-k with renormalisation
     (HunYuan's gate.wg)."""
     return _base(router, top_k, output="logits")
+
+
+def sigmoid_top_logits_dense(config, mlp: nn.Module, router: nn.Module, top_k: int) -> RoutingFunction:
+    """Llama 4: top-k of the logits, each chosen expert weighted by the sigmoid of its logit; the router
+    returns the dense [T, E] weights (zero elsewhere) with the logits."""
+    return _base(router, top_k, score="sigmoid", weights="sigmoid_of_top_logits", output="scores_logits")

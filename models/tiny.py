@@ -98,6 +98,11 @@ TINY = {
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
         linear_conv_kernel_dim=4,
     ),
+    # Top-1 sigmoid routing scaling the experts' input, a shared expert, a dense second layer, NoPE layers.
+    "llama4_text": dict(
+        model_type="llama4_text", intermediate_size=48, intermediate_size_mlp=96, num_local_experts=4,
+        num_experts_per_tok=1, head_dim=16, moe_layers=[0], attention_chunk_size=16,
+    ),
     "hunyuan_v1_moe": dict(
         model_type="hunyuan_v1_moe", intermediate_size=48, num_experts=4, moe_topk=2, head_dim=16,
     ),

@@ -23,7 +23,7 @@ from .helpers import outlier_model, rel_err, tiny_data
 from .test_fidelity import FP, official
 
 MOE_FAMILIES = ["deepseek_v3", "deepseek_v32", "deepseek_v2", "glm4_moe", "dots1", "gpt_oss", "ernie4_5_moe", "granitemoe",
-                "minimax_m2", "hunyuan_v1_moe", "qwen3_next", "qwen3_5_moe_text"]
+                "minimax_m2", "hunyuan_v1_moe", "qwen3_next", "qwen3_5_moe_text", "llama4_text"]
 FAMILIES = MOE_FAMILIES + ["qwen2", "qwen3"]
 # Routers that compute their logits in float32 whatever the model's dtype (DeepSeek-V3's, ERNIE's,
 # HunYuan's), so a float64 model is exact only to float32 rounding of the logits.
@@ -90,7 +90,9 @@ def _block_routing(view, x: torch.Tensor) -> dict:
     seen: dict = {}
 
     def experts_call(module, args, kwargs):
-        seen["index"], seen["weights"] = (list(args) + list(kwargs.values()))[1:3]
+        passed = (list(args) + list(kwargs.values()))[1:3]
+        if passed:  # experts called with (hidden, index, weights); Llama 4's get routing-scaled rows only
+            seen["index"], seen["weights"] = passed
 
     def router_call(module, args, out):
         seen["x"], seen["out"] = args[0], out
@@ -112,8 +114,8 @@ def test_routing_function_reproduces_the_blocks_own_choice(arch):
         x = torch.randn(1, 200, model.config.hidden_size, generator=torch.Generator().manual_seed(view.index))
         seen = _block_routing(view, x)
         routing = view.routing
-        block = _sorted(seen["index"], seen["weights"])
         from_output = routing.from_output(seen["out"])
+        block = _sorted(seen.get("index", from_output.index), seen.get("weights", from_output.weights))
         from_logits = routing.from_logits(from_output.logits)
         for r in (from_output, from_logits):
             mine = _sorted(r.index, r.weights)
@@ -135,6 +137,26 @@ def test_grouped_or_biased_routing_differs_from_plain_softmax_top_k(arch):
     logits = view.routing.from_output(seen["out"]).logits
     naive = logits.float().softmax(-1).topk(view.top_k, -1).indices
     assert not view.routing.same_experts(naive, seen["index"]).all()
+
+
+def test_llama4_weights_scale_the_experts_input():
+    """Llama 4 multiplies each token by sigmoid(top logit) before its expert, so an expert sees its own
+    tokens scaled and nothing else; AGQ (which weighs outputs) refuses it."""
+    from duquant.config import ConfigError
+    from eaquant_ext.moequant.agq import AffinityWeighting
+
+    model, _ = tiny_model("llama4_text")
+    view = next(v for v in _views(model) if v.is_moe)
+    x = torch.randn(1, 50, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    rows: list = []
+    hook = view.experts[0].gate_proj.register_forward_pre_hook(lambda m, a: rows.append(a[0]))
+    seen = _block_routing(view, x)
+    hook.remove()
+    chosen = view.routing.from_output(seen["out"])
+    mine = (chosen.index[:, 0] == 0).nonzero().squeeze(-1)
+    torch.testing.assert_close(rows[0], x[0, mine] * chosen.weights[mine, :1])
+    with pytest.raises(ConfigError, match="scales the experts' input"):
+        AffinityWeighting(view)
 
 
 @pytest.mark.parametrize("arch", FAMILIES)

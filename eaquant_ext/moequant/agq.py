@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from duquant.config import ConfigError
 from duquant.qlinear import unwrap
 from models.spec import LayerView
 
@@ -66,6 +67,10 @@ class AffinityWeighting:
     order the expert's linears see their rows (the order `LinearExperts` dispatches tokens in)."""
 
     def __init__(self, view: LayerView, gate: bool = True, c_values: tuple[float, ...] = ()):
+        if getattr(view.experts_module, "weights_scale_input", False):
+            raise ConfigError("AGQ weighs each expert's Hessian by the routing weight that scales its output; in this "
+                             "model the routing weight scales the experts' input (models/experts.py "
+                             "InputWeightedExperts), so it is already inside their statistics: run without --agq")
         self.view, self.gate = view, gate
         self.where: dict[nn.Module, tuple[int, str]] = {}
         self.act: dict[int, object] = {}
