@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from .spec import ModelSpec, decoder_layers, get_module, layer_spec, set_module
+from .spec import ModelSpec, decoder_layers, get_module, layer_spec, set_module, shared_module, shared_path
 
 # The 3-D tensors of a fused experts module, emptied once unfused (the shell keeps only its config).
 FUSED_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
@@ -106,6 +106,47 @@ class GammaRMSNorm(nn.Module):
         norm = self._original
         norm.weight.data = (self.weight.data - self.offset).to(norm.weight.dtype)
         return norm
+
+
+def _split_shared(fused: nn.Module, spec: ModelSpec) -> ExpertMLP:
+    """A [gate; up]-fused shared MLP as an `ExpertMLP` with separate gate and up linears (exact: each
+    output row is the same dot product); the original is kept unregistered for `fuse_experts`."""
+    gate_up, down, act = spec.shared_fused
+    fused_lin = getattr(fused, gate_up)
+    gate_w, up_w = fused_lin.weight.data.chunk(2, dim=0)
+    bias = fused_lin.bias.data.chunk(2) if fused_lin.bias is not None else (None, None)
+    mlp = ExpertMLP(_linear(gate_w, bias[0]), _linear(up_w, bias[1]), getattr(fused, down), getattr(fused, act))
+    mlp.__dict__["_fused_shell"] = fused
+    return mlp
+
+
+def _join_shared(mlp: ExpertMLP, spec: ModelSpec) -> nn.Module:
+    shell = mlp._fused_shell
+    fused_lin = getattr(shell, spec.shared_fused[0])
+    fused_lin.weight.data = torch.cat([mlp.gate_proj.weight.data, mlp.up_proj.weight.data])
+    if fused_lin.bias is not None:
+        fused_lin.bias.data = torch.cat([mlp.gate_proj.bias.data, mlp.up_proj.bias.data])
+    setattr(shell, spec.shared_fused[1], mlp.down_proj)
+    return shell
+
+
+def _rewrite_shared(model: nn.Module, spec: ModelSpec, layer: int | None) -> None:
+    if spec.shared_fused is None:
+        return
+    layers = decoder_layers(model, spec)
+    for i in range(len(layers)) if layer is None else [layer]:
+        shared = shared_module(spec, layers[i]) if spec.is_moe_layer(model.config, i) else None
+        if shared is not None and not isinstance(shared, ExpertMLP):
+            set_module(layers[i], shared_path(spec), _split_shared(shared, spec))
+
+
+def _restore_shared(model: nn.Module, spec: ModelSpec) -> None:
+    if spec.shared_fused is None:
+        return
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        shared = shared_module(spec, layer) if spec.is_moe_layer(model.config, i) else None
+        if isinstance(shared, ExpertMLP):
+            set_module(layer, shared_path(spec), _join_shared(shared, spec))
 
 
 def _norm_paths(spec: ModelSpec, config, index: int) -> list[str]:
@@ -228,19 +269,21 @@ def _experts_paths(model: nn.Module, spec: ModelSpec, layer: int | None) -> list
 
 
 def unfuse_experts(model: nn.Module, spec: ModelSpec, layer: int | None = None) -> None:
-    """Replace every MoE layer's experts (or only decoder layer `layer`'s) by `LinearExperts`, and
-    offset norms by `GammaRMSNorm` (idempotent, exact). One layer at a time lets a streamed layer be
+    """Replace every MoE layer's experts (or only decoder layer `layer`'s) by `LinearExperts`, offset
+    norms by `GammaRMSNorm` and [gate; up]-fused shared MLPs by `ExpertMLP` (idempotent, exact). One layer at a time lets a streamed layer be
     unfused once it is read."""
     _rewrite_norms(model, spec, layer)
+    _rewrite_shared(model, spec, layer)
     layers = decoder_layers(model, spec)
     for path in _experts_paths(model, spec, layer):
         set_module(layers, path, _as_linear_experts(get_module(layers, path), spec))
 
 
 def fuse_experts(model: nn.Module, spec: ModelSpec) -> None:
-    """Write unfused experts back into their original 3-D layout, and offset norms back into their
-    original form (for a plain HF checkpoint)."""
+    """Write unfused experts back into their original 3-D layout, and offset norms and fused shared
+    MLPs back into their original form (for a plain HF checkpoint)."""
     _restore_norms(model, spec)
+    _restore_shared(model, spec)
     layers = decoder_layers(model, spec)
     for path in moe_layer_paths(model, spec):
         linear = get_module(layers, path)

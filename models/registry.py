@@ -125,6 +125,10 @@ ERNIE4_5_MOE = ModelSpec(name="ernie4_5_moe", shared_experts="shared_experts", i
                          num_experts_attr="num_experts", routing=routing.softmax_biased)
 GRANITEMOE = ModelSpec(name="granitemoe", mlp="block_sparse_moe", router="router",
                        routing=routing.top_logits_softmax)
+GRANITEMOESHARED = ModelSpec(name="granitemoeshared", mlp="block_sparse_moe", router="router",
+                             shared_experts="shared_mlp", shared_in_layer=True,
+                             shared_fused=("input_linear", "output_linear", "activation"),
+                             routing=routing.top_logits_softmax)
 MINIMAX_M2 = ModelSpec(name="minimax_m2", routing=routing.sigmoid_block_biased)
 HUNYUAN_V1_MOE = ModelSpec(name="hunyuan_v1_moe", router="gate.wg", shared_experts="shared_mlp",
                            num_experts_attr="num_experts", top_k_attr="moe_topk",
@@ -150,6 +154,7 @@ SPECS: dict[str, ModelSpec | Callable[[object], ModelSpec]] = {
     "GptOssForCausalLM": GPT_OSS,
     "Ernie4_5_MoeForCausalLM": ERNIE4_5_MOE,
     "GraniteMoeForCausalLM": GRANITEMOE,
+    "GraniteMoeSharedForCausalLM": GRANITEMOESHARED,
     "MiniMaxM2ForCausalLM": MINIMAX_M2,
     "HunYuanMoEV1ForCausalLM": HUNYUAN_V1_MOE,
     "Qwen3NextForCausalLM": QWEN3_NEXT,

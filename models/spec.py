@@ -48,6 +48,11 @@ class ModelSpec:
     mlp_in: tuple[str, ...] = ("gate_proj", "up_proj")
     mlp_out: str = "down_proj"
     shared_experts: str | None = None
+    # shared_experts is relative to the layer, beside the MoE block (Granite MoE shared's shared_mlp).
+    shared_in_layer: bool = False
+    # A shared MLP whose gate and up are one [gate; up] linear: (that linear, its down projection,
+    # its activation attribute); models/experts.py splits it while unfused (Granite MoE shared).
+    shared_fused: tuple[str, str, str] | None = None
     shared_expert_gate: str | None = None
     is_moe_layer: Callable = always_moe
     # Config attribute names for the expert count and top-k, which differ between families (a list
@@ -176,6 +181,22 @@ def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(*owner(root, path), new)
 
 
+def shared_path(spec: ModelSpec) -> str | None:
+    """The shared experts' path relative to the decoder layer."""
+    if spec.shared_experts is None:
+        return None
+    return spec.shared_experts if spec.shared_in_layer else f"{spec.mlp}.{spec.shared_experts}"
+
+
+def shared_module(spec: ModelSpec, layer: nn.Module) -> nn.Module | None:
+    """The layer's shared experts, or None (also where the config turns them off: the attribute is None)."""
+    path = shared_path(spec)
+    if path is None:
+        return None
+    parent, name = owner(layer, path)
+    return getattr(parent, name)
+
+
 def _mlp_view(spec: ModelSpec, mlp: nn.Module) -> MLPView:
     return MLPView(mlp, (*spec.mlp_in, spec.mlp_out))
 
@@ -219,8 +240,9 @@ def resolve(spec: ModelSpec, layer: nn.Module, config, index: int) -> LayerView:
             "call models.experts.unfuse_experts(model, spec) before resolving"
         )
     view.experts = [MLPView(e) for e in view.experts_module]
-    if spec.shared_experts is not None:
-        view.shared = [_mlp_view(spec, get_module(mlp, spec.shared_experts))]
+    shared = shared_module(spec, layer)
+    if shared is not None:
+        view.shared = [_mlp_view(spec, shared)]
     if spec.shared_expert_gate is not None:
         view.shared_gate = get_module(mlp, spec.shared_expert_gate)
     return view

@@ -82,6 +82,10 @@ TINY = {
         moe_layer_end_index=2,
     ),
     "granitemoe": dict(model_type="granitemoe", intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
+    "granitemoeshared": dict(
+        model_type="granitemoeshared", intermediate_size=48, shared_intermediate_size=96, num_local_experts=4,
+        num_experts_per_tok=2,
+    ),
     "minimax_m2": dict(
         model_type="minimax_m2", intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
     ),

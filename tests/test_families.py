@@ -23,7 +23,7 @@ from .helpers import outlier_model, rel_err, tiny_data
 from .test_fidelity import FP, official
 
 MOE_FAMILIES = ["deepseek_v3", "deepseek_v32", "deepseek_v2", "glm4_moe", "dots1", "gpt_oss", "ernie4_5_moe", "granitemoe",
-                "minimax_m2", "hunyuan_v1_moe", "qwen3_next", "qwen3_5_moe_text", "llama4_text"]
+                "granitemoeshared", "minimax_m2", "hunyuan_v1_moe", "qwen3_next", "qwen3_5_moe_text", "llama4_text"]
 FAMILIES = MOE_FAMILIES + ["qwen2", "qwen3"]
 # Routers that compute their logits in float32 whatever the model's dtype (DeepSeek-V3's, ERNIE's,
 # HunYuan's), so a float64 model is exact only to float32 rounding of the logits.
