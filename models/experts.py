@@ -70,6 +70,10 @@ class LinearExperts(nn.ModuleList):
         self.__dict__["_fused_shell"] = None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """Tokens may come with leading dimensions (DBRX passes [B, S, H]); the output has the input's shape."""
+        if hidden_states.dim() > 2:
+            flat = self(hidden_states.reshape(-1, hidden_states.shape[-1]), top_k_index, top_k_weights)
+            return flat.view(hidden_states.shape)
         out = torch.zeros_like(hidden_states)
         if self.route_all:
             dense = torch.zeros(hidden_states.shape[0], len(self), dtype=top_k_weights.dtype, device=out.device)
@@ -218,9 +222,26 @@ class InputWeightedExperts(LinearExperts):
         return out.view(-1, routed_in.shape[-1])
 
 
+def _split_dbrx(experts: nn.Module) -> list[nn.Module]:
+    """DBRX's experts: w1 (gate), v1 (up) and w2 (down, transposed) stacked as [E * I, H] in `experts.mlp`."""
+    glu = experts.mlp
+    n = experts.num_experts
+    w1, v1, w2 = (t.data.view(n, -1, t.shape[-1]) for t in (glu.w1, glu.v1, glu.w2))
+    return [ExpertMLP(_linear(w1[e], None), _linear(v1[e], None), _linear(w2[e].T, None), glu.activation_fn)
+            for e in range(n)]
+
+
+def _join_dbrx(shell: nn.Module, experts: "LinearExperts") -> None:
+    glu = shell.mlp
+    glu.w1 = nn.Parameter(_stacked(experts, "gate_proj", "weight").flatten(0, 1), requires_grad=False)
+    glu.v1 = nn.Parameter(_stacked(experts, "up_proj", "weight").flatten(0, 1), requires_grad=False)
+    glu.w2 = nn.Parameter(_stacked(experts, "down_proj", "weight").transpose(1, 2).flatten(0, 1).contiguous(),
+                          requires_grad=False)
+
+
 # Per expert kind: the expert module, whether fused tensors are [E, in, out] when the experts module
 # does not say (`is_transposed`, set by transformers' experts decorator), and the container.
-KINDS = {"swiglu": False, "clamped_swiglu": False, "input_weighted_swiglu": True}
+KINDS = {"swiglu": False, "clamped_swiglu": False, "input_weighted_swiglu": True, "dbrx_glu": False}
 
 
 def _split_fused(fused: nn.Module, kind: str) -> list[nn.Module]:
@@ -241,6 +262,11 @@ def _split_fused(fused: nn.Module, kind: str) -> list[nn.Module]:
 def _as_linear_experts(module: nn.Module, spec: ModelSpec) -> LinearExperts:
     if isinstance(module, LinearExperts):
         return module
+    if spec.expert_kind == "dbrx_glu":
+        linear = LinearExperts(_split_dbrx(module))
+        module.mlp.w1 = module.mlp.v1 = module.mlp.w2 = nn.Parameter(torch.empty(0), requires_grad=False)
+        linear.__dict__["_fused_shell"] = module
+        return linear
     if hasattr(module, "gate_up_proj"):
         container = InputWeightedExperts if spec.expert_kind == "input_weighted_swiglu" else LinearExperts
         linear = container(_split_fused(module, spec.expert_kind))
@@ -289,6 +315,10 @@ def fuse_experts(model: nn.Module, spec: ModelSpec) -> None:
         linear = get_module(layers, path)
         shell = getattr(linear, "_fused_shell", None)
         if shell is None:
+            continue
+        if spec.expert_kind == "dbrx_glu":
+            _join_dbrx(shell, linear)
+            set_module(layers, path, shell)
             continue
         gate_up = _join_gate_up(shell, _stacked(linear, "gate_proj", "weight"), _stacked(linear, "up_proj", "weight"))
         down = _stacked(linear, "down_proj", "weight")

@@ -129,6 +129,12 @@ GRANITEMOESHARED = ModelSpec(name="granitemoeshared", mlp="block_sparse_moe", ro
                              shared_experts="shared_mlp", shared_in_layer=True,
                              shared_fused=("input_linear", "output_linear", "activation"),
                              routing=routing.top_logits_softmax)
+DBRX = ModelSpec(
+    name="dbrx", layers="transformer.blocks", final_norm="transformer.norm_f", attn_norm="norm_attn_norm.norm_1",
+    attn="norm_attn_norm.attn", attn_in=("norm_attn_norm.attn.Wqkv",), attn_out="norm_attn_norm.attn.out_proj",
+    attn_value=None, mlp_norm="norm_attn_norm.norm_2", mlp="ffn", router="router.layer", expert_kind="dbrx_glu",
+    num_experts_attr="ffn_config.moe_num_experts", top_k_attr="ffn_config.moe_top_k",
+    routing=routing.softmax_topk_pnorm)
 MINIMAX_M2 = ModelSpec(name="minimax_m2", routing=routing.sigmoid_block_biased)
 HUNYUAN_V1_MOE = ModelSpec(name="hunyuan_v1_moe", router="gate.wg", shared_experts="shared_mlp",
                            num_experts_attr="num_experts", top_k_attr="moe_topk",
@@ -154,6 +160,7 @@ SPECS: dict[str, ModelSpec | Callable[[object], ModelSpec]] = {
     "GptOssForCausalLM": GPT_OSS,
     "Ernie4_5_MoeForCausalLM": ERNIE4_5_MOE,
     "GraniteMoeForCausalLM": GRANITEMOE,
+    "DbrxForCausalLM": DBRX,
     "GraniteMoeSharedForCausalLM": GRANITEMOESHARED,
     "MiniMaxM2ForCausalLM": MINIMAX_M2,
     "HunYuanMoEV1ForCausalLM": HUNYUAN_V1_MOE,

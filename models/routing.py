@@ -66,7 +66,7 @@ class RoutingFunction:
     scores = softmax or sigmoid of the float32 logits; the choice is top-k over scores (+ the
     choice bias, if any), limited to the `topk_group` best of `n_group` expert groups; the weights
     are the chosen experts' scores, optionally divided by their sum (clamped below by `norm_min`,
-    plus `norm_eps`), times `scale`. `weights="softmax_of_top_logits"` chooses by logits and
+    plus `norm_eps`) or by their `norm_ord`-norm (DBRX), times `scale`. `weights="softmax_of_top_logits"` chooses by logits and
     softmaxes the chosen logits instead (gpt-oss, Granite); "sigmoid_of_top_logits" takes their
     sigmoids (Llama 4). `output` says what the hooked router module returns: the (logits, weights,
     index) triple, only the logits, or (dense scores [T, E], zero where not chosen; logits) (Llama 4).
@@ -80,6 +80,7 @@ class RoutingFunction:
     normalize: bool = True
     norm_eps: float = 0.0
     norm_min: float = 0.0
+    norm_ord: float | None = None
     scale: float = 1.0
     n_group: int = 1
     topk_group: int = 1
@@ -145,7 +146,9 @@ class RoutingFunction:
         choice = scores if bias is None else scores + bias.to(scores.device)
         index = self._group_limited(choice).topk(self.top_k, dim=-1).indices
         weights = scores.gather(-1, index)
-        if self.normalize:
+        if self.normalize and self.norm_ord is not None:
+            weights = weights / torch.norm(weights, p=self.norm_ord, dim=-1, keepdim=True)
+        elif self.normalize:
             weights = weights / (weights.sum(-1, keepdim=True).clamp_min(self.norm_min) + self.norm_eps)
         return index, weights * self.scale
 
@@ -256,3 +259,10 @@ def sigmoid_top_logits_dense(config, mlp: nn.Module, router: nn.Module, top_k: i
     """Llama 4: top-k of the logits, each chosen expert weighted by the sigmoid of its logit; the router
     returns the dense [T, E] weights (zero elsewhere) with the logits."""
     return _base(router, top_k, score="sigmoid", weights="sigmoid_of_top_logits", output="scores_logits")
+
+
+def softmax_topk_pnorm(config, mlp: nn.Module, router: nn.Module, top_k: int) -> RoutingFunction:
+    """DBRX: the router linear returns logits only; softmax, top-k, divided by their
+    `moe_normalize_expert_weights`-norm (none when it is None)."""
+    p = config.ffn_config.moe_normalize_expert_weights
+    return _base(router, top_k, normalize=p is not None, norm_ord=p, output="logits")

@@ -55,8 +55,8 @@ class ModelSpec:
     shared_fused: tuple[str, str, str] | None = None
     shared_expert_gate: str | None = None
     is_moe_layer: Callable = always_moe
-    # Config attribute names for the expert count and top-k, which differ between families (a list
-    # value is read per layer: HunYuan).
+    # Config attribute names (dotted paths) for the expert count and top-k, which differ between
+    # families (a list value is read per layer: HunYuan).
     num_experts_attr: str = "num_local_experts"
     top_k_attr: str = "num_experts_per_tok"
     # How an unfused expert computes (models/experts.py): "swiglu" down(act(gate) * up), or gpt-oss's
@@ -154,8 +154,15 @@ def moe_routers(model: nn.Module, spec: ModelSpec) -> list[nn.Module]:
             if spec.is_moe_layer(model.config, i)]
 
 
+def config_value(config, path: str):
+    """A config attribute by dotted path (DBRX keeps its MoE settings in `ffn_config`)."""
+    for name in path.split("."):
+        config = getattr(config, name)
+    return config
+
+
 def top_k_of(spec: ModelSpec, config, index: int) -> int:
-    value = getattr(config, spec.top_k_attr)
+    value = config_value(config, spec.top_k_attr)
     return value[index] if isinstance(value, (list, tuple)) else value
 
 

@@ -86,6 +86,12 @@ TINY = {
         model_type="granitemoeshared", intermediate_size=48, shared_intermediate_size=96, num_local_experts=4,
         num_experts_per_tok=2,
     ),
+    # Fused Wqkv attention, LayerNorms, MoE settings nested in ffn_config / attn_config.
+    "dbrx": dict(
+        model_type="dbrx", d_model=64, n_heads=4, n_layers=2, max_seq_len=512,
+        attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
+        ffn_config=dict(hidden_size=64, ffn_hidden_size=48, moe_num_experts=4, moe_top_k=2),
+    ),
     "minimax_m2": dict(
         model_type="minimax_m2", intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
     ),

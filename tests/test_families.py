@@ -17,13 +17,13 @@ from models.registry import MLA_KV
 from models.routing import unwrapped
 from models.sites import layer_sites
 from models.spec import decoder_layers
-from models.tiny import tiny_model
+from models.tiny import tiny_model, tiny_tokenizer
 
-from .helpers import outlier_model, rel_err, tiny_data
+from .helpers import rel_err, tiny_data
 from .test_fidelity import FP, official
 
 MOE_FAMILIES = ["deepseek_v3", "deepseek_v32", "deepseek_v2", "glm4_moe", "dots1", "gpt_oss", "ernie4_5_moe", "granitemoe",
-                "granitemoeshared", "minimax_m2", "hunyuan_v1_moe", "qwen3_next", "qwen3_5_moe_text", "llama4_text"]
+                "granitemoeshared", "dbrx", "minimax_m2", "hunyuan_v1_moe", "qwen3_next", "qwen3_5_moe_text", "llama4_text"]
 FAMILIES = MOE_FAMILIES + ["qwen2", "qwen3"]
 # Routers that compute their logits in float32 whatever the model's dtype (DeepSeek-V3's, ERNIE's,
 # HunYuan's), so a float64 model is exact only to float32 rounding of the logits.
@@ -159,15 +159,21 @@ def test_llama4_weights_scale_the_experts_input():
         AffinityWeighting(view)
 
 
+def _outliers(model: nn.Module) -> nn.Module:
+    """Outlier channels planted in every layer's two norms (as tests/helpers.py outlier_model does),
+    through the adapter's paths and its norms' weight offset (gamma = offset + w)."""
+    spec = get_spec(model)
+    with torch.no_grad():
+        for layer in decoder_layers(model, spec):
+            for path, channels in ((spec.attn_norm, [3, 17, 40]), (spec.mlp_norm, [5, 33])):
+                w = layer.get_submodule(path).weight
+                w[channels] = (w[channels] + spec.norm_weight_offset) * 25 - spec.norm_weight_offset
+    return model
+
+
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_duquant_at_16_bits_leaves_logits_unchanged(arch):
-    model, tok = outlier_model(arch, torch.float64)
-    _biased(model)
-    if get_spec(model).norm_weight_offset:  # x_hat (1 + w) norms start at w = 0, which scaling keeps at 0
-        with torch.no_grad():
-            for layer in model.model.layers:
-                layer.input_layernorm.weight[[3, 17, 40]] += 24
-                layer.post_attention_layernorm.weight[[5, 33]] += 24
+    model, tok = _outliers(_biased(tiny_model(arch, dtype=torch.float64)[0])), tiny_tokenizer()
     calib, x = tiny_data(tok)
     with torch.no_grad():
         ref = model(x).logits

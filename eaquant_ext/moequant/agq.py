@@ -99,11 +99,11 @@ class AffinityWeighting:
 
     def _dispatch(self, module, args, kwargs) -> None:
         """Before the experts run: the affinity vector of every expert for this forward."""
-        hidden, index, weights = (list(args) + [kwargs[k] for k in EXPERTS_ARGS[len(args):]])[:3]
+        _, index, weights = (list(args) + [kwargs[k] for k in EXPERTS_ARGS[len(args):]])[:3]
         weights = weights.detach()
         self.offset.clear()
         if getattr(module, "route_all", False):  # every expert sees every token, unrouted ones with weight 0
-            dense = torch.zeros(hidden.shape[0], len(self.view.experts), dtype=weights.dtype, device=weights.device)
+            dense = torch.zeros(index.shape[0], len(self.view.experts), dtype=weights.dtype, device=weights.device)
             dense.scatter_(1, index, weights)
             self.current = {e: dense[:, e] for e in range(dense.shape[1])}
         else:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from duquant.diagnostics import expert_balance_std
 from models.files import write_file_atomically
 from models.routing import RoutingFunction
-from models.spec import ModelSpec, moe_routings
+from models.spec import ModelSpec, config_value, moe_routings
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = Path("results") / "ebss_cache"
@@ -79,8 +79,8 @@ def ebss_generate(model, spec: ModelSpec, nsamples: int, seqlen: int, tau: float
     gen = torch.Generator().manual_seed(seed)
     vocab = model.get_output_embeddings().weight.shape[0]
     routers = moe_routings(model, spec)
-    num_experts = getattr(model.config, spec.num_experts_attr)
-    top_k = getattr(model.config, spec.top_k_attr)
+    num_experts = config_value(model.config, spec.num_experts_attr)
+    top_k = config_value(model.config, spec.top_k_attr)
     banned = torch.tensor(sorted(set(banned_ids) & set(range(vocab))), dtype=torch.long, device=device)
     used_first: set[int] = set()
     seqs, nlls, stds, all_counts = [], [], [], []
