@@ -67,6 +67,52 @@ def _step(model, ids: torch.Tensor, cache):
 
 
 @torch.no_grad()
+def _start_beams(model, n_seq: int, width: int, first: torch.Tensor, banned: torch.Tensor, used_first: set[int],
+                 gen: torch.Generator):
+    """Each sequence's first generated token, sampled (distinct across sequences) and shared by its
+    beams; returns (ids, cache, score_sum, alive)."""
+    device = first.device
+    logp, cache = _step(model, first, None)
+    probs = logp[::width].exp().cpu().double()
+    if banned.numel():
+        probs[:, banned.cpu()] = 0
+    tok = []
+    for p in probs:
+        q = p.clone()
+        q[list(used_first)] = 0
+        t = int(torch.multinomial(q if q.sum() > 0 else p, 1, generator=gen))
+        used_first.add(t)
+        tok.append(t)
+    tok = torch.tensor(tok, device=device).repeat_interleave(width)
+    score_sum = logp.gather(1, tok[:, None])[:, 0].double()  # R_S
+    alive = torch.zeros(n_seq, width, dtype=torch.bool, device=device)
+    alive[:, 0] = True  # the beams of a sequence are copies until the first expansion
+    return torch.cat([first, tok[:, None]], 1), cache, score_sum, alive
+
+
+def _expand(model, beams, counter, n_seq: int, width: int, tau: float, banned: torch.Tensor):
+    """One step of the beam search: every beam's `width` likeliest next tokens, scored by mean NLL +
+    balance std / tau; the best `width` of each sequence's width^2 candidates survive."""
+    ids, cache, score_sum, alive = beams
+    device = ids.device
+    logp, cache = _step(model, ids[:, -1:], cache)
+    if banned.numel():
+        logp[:, banned] = -float("inf")
+    n_fed, n_scored = ids.shape[1], ids.shape[1] - 1
+    sigma = beam_balance_std(counter.counts, n_fed).view(n_seq, width)
+    top_lp, top_tok = logp.topk(width, dim=-1)  # a beam's best candidates are its likeliest tokens
+    total = score_sum.view(n_seq, width, 1) + top_lp.view(n_seq, width, width).double()
+    score = -total / (n_scored + 1) + (sigma / tau)[..., None]
+    score = score.masked_fill(~alive[..., None], float("inf")).view(n_seq, -1)
+    pick = score.topk(width, dim=-1, largest=False).indices  # [n_seq, width] over width*width
+    rows_idx = (pick // width + torch.arange(n_seq, device=device)[:, None] * width).reshape(-1)
+    new_tok = top_tok.view(n_seq, width * width).gather(1, pick).reshape(-1)
+    cache.reorder_cache(rows_idx)
+    counter.counts = counter.counts[rows_idx]
+    return (torch.cat([ids[rows_idx], new_tok[:, None]], 1), cache,
+            total.view(n_seq, -1).gather(1, pick).reshape(-1), torch.isfinite(score.gather(1, pick)))
+
+
 def ebss_generate(model, spec: ModelSpec, nsamples: int, seqlen: int, tau: float = 1.2, width: int = 4,
                   seed: int = 0, bos_id: int | None = None, banned_ids: tuple[int, ...] = (), batch: int = 8,
                   progress: bool = True) -> tuple[torch.Tensor, dict]:
@@ -86,50 +132,16 @@ def ebss_generate(model, spec: ModelSpec, nsamples: int, seqlen: int, tau: float
     seqs, nlls, stds, all_counts = [], [], [], []
     for b0 in tqdm(range(0, nsamples, batch), desc="ebss", disable=not progress):
         n_seq = min(batch, nsamples - b0)
-        rows = n_seq * width
-        counter = _RoutingCounter(routers, num_experts, rows, device)
+        counter = _RoutingCounter(routers, num_experts, n_seq * width, device)
         try:
             if bos_id is not None:
-                first = torch.full((rows, 1), bos_id, dtype=torch.long)
+                first = torch.full((n_seq * width, 1), bos_id, dtype=torch.long)
             else:
                 first = torch.randint(vocab, (n_seq, 1), generator=gen).repeat_interleave(width, 0)
-            ids = first.to(device)
-            logp, cache = _step(model, ids, None)
-            # First generated token: sampled (distinct across sequences), shared by a sequence's beams.
-            probs = logp[::width].exp().cpu().double()
-            if banned.numel():
-                probs[:, banned.cpu()] = 0
-            tok = []
-            for p in probs:
-                q = p.clone()
-                q[list(used_first)] = 0
-                t = int(torch.multinomial(q if q.sum() > 0 else p, 1, generator=gen))
-                used_first.add(t)
-                tok.append(t)
-            tok = torch.tensor(tok, device=device).repeat_interleave(width)
-            score_sum = logp.gather(1, tok[:, None])[:, 0].double()  # R_S
-            ids = torch.cat([ids, tok[:, None]], 1)
-            alive = torch.zeros(n_seq, width, dtype=torch.bool, device=device)
-            alive[:, 0] = True  # the beams of a sequence are copies until the first expansion
-            for _ in range(seqlen - ids.shape[1]):
-                logp, cache = _step(model, ids[:, -1:], cache)
-                if banned.numel():
-                    logp[:, banned] = -float("inf")
-                n_fed, n_scored = ids.shape[1], ids.shape[1] - 1
-                sigma = beam_balance_std(counter.counts, n_fed).view(n_seq, width)
-                top_lp, top_tok = logp.topk(width, dim=-1)  # a beam's best candidates are its likeliest tokens
-                total = score_sum.view(n_seq, width, 1) + top_lp.view(n_seq, width, width).double()
-                score = -total / (n_scored + 1) + (sigma / tau)[..., None]
-                score = score.masked_fill(~alive[..., None], float("inf")).view(n_seq, -1)
-                pick = score.topk(width, dim=-1, largest=False).indices  # [n_seq, width] over width*width
-                parent = pick // width
-                rows_idx = (parent + torch.arange(n_seq, device=device)[:, None] * width).reshape(-1)
-                new_tok = top_tok.view(n_seq, width * width).gather(1, pick).reshape(-1)
-                score_sum = total.view(n_seq, -1).gather(1, pick).reshape(-1)
-                cache.reorder_cache(rows_idx)
-                counter.counts = counter.counts[rows_idx]
-                ids = torch.cat([ids[rows_idx], new_tok[:, None]], 1)
-                alive = torch.isfinite(score.gather(1, pick))
+            beams = _start_beams(model, n_seq, width, first.to(device), banned, used_first, gen)
+            for _ in range(seqlen - beams[0].shape[1]):
+                beams = _expand(model, beams, counter, n_seq, width, tau, banned)
+            ids, cache, score_sum, alive = beams
             _step(model, ids[:, -1:], cache)  # route the last tokens too, so sigma covers the whole sequence
             n_scored = ids.shape[1] - 1
             sigma = beam_balance_std(counter.counts, ids.shape[1]).view(n_seq, width)
