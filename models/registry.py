@@ -1,6 +1,7 @@
 """One adapter per architecture, keyed by the Hugging Face class name in `config.architectures`."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 from . import routing
@@ -37,6 +38,12 @@ DEEPSEEK_MOE = ModelSpec(
 LLAMA = ModelSpec(name="llama", router=None, experts=None, is_moe_layer=never_moe)
 QWEN2 = ModelSpec(name="qwen2", router=None, experts=None, is_moe_layer=never_moe)
 QWEN3 = ModelSpec(name="qwen3", router=None, experts=None, is_moe_layer=never_moe)
+# Gemma's norms compute x_hat (1 + w); Gemma 2/3 normalize the MLP input with pre_feedforward_layernorm
+# (post_attention_layernorm / post_feedforward_layernorm normalize block outputs and are no fold targets).
+GEMMA = ModelSpec(name="gemma", router=None, experts=None, is_moe_layer=never_moe, norm_weight_offset=1.0)
+GEMMA2 = ModelSpec(name="gemma2", router=None, experts=None, is_moe_layer=never_moe, norm_weight_offset=1.0,
+                   mlp_norm="pre_feedforward_layernorm")
+GEMMA3_TEXT = replace(GEMMA2, name="gemma3_text")
 
 
 def _after_dense_prefix(config, i: int) -> bool:
@@ -152,6 +159,9 @@ SPECS: dict[str, ModelSpec | Callable[[object], ModelSpec]] = {
     "MistralForCausalLM": LLAMA,
     "Qwen2ForCausalLM": QWEN2,
     "Qwen3ForCausalLM": QWEN3,
+    "GemmaForCausalLM": GEMMA,
+    "Gemma2ForCausalLM": GEMMA2,
+    "Gemma3ForCausalLM": GEMMA3_TEXT,
     "DeepseekV3ForCausalLM": _mla_variant(name="deepseek_v3", routing=routing.sigmoid_grouped),
     "DeepseekV2ForCausalLM": _mla_variant(name="deepseek_v2", routing=routing.softmax_grouped_scaled),
     "DeepseekV32ForCausalLM": _mla(name="deepseek_v32", q_lora=True, indexer=True, routing=routing.sigmoid_grouped),

@@ -37,6 +37,9 @@ TINY = {
     "mistral": dict(model_type="mistral", intermediate_size=96),
     "qwen2": dict(model_type="qwen2", intermediate_size=96),
     "qwen3": dict(model_type="qwen3", intermediate_size=96, head_dim=16),
+    "gemma": dict(model_type="gemma", intermediate_size=96, head_dim=16),
+    "gemma2": dict(model_type="gemma2", intermediate_size=96, head_dim=16, sliding_window=8),
+    "gemma3_text": dict(model_type="gemma3_text", intermediate_size=96, head_dim=16, sliding_window=8),
     # MLA with a query LoRA, 8 experts in 4 groups (2 kept per token), scaled sigmoid routing.
     "deepseek_v3": dict(
         model_type="deepseek_v3", num_hidden_layers=3, num_key_value_heads=4, intermediate_size=96,

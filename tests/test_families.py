@@ -24,14 +24,14 @@ from .test_fidelity import FP, official
 
 MOE_FAMILIES = ["deepseek_v3", "deepseek_v32", "deepseek_v2", "glm4_moe", "dots1", "gpt_oss", "ernie4_5_moe", "granitemoe",
                 "granitemoeshared", "dbrx", "minimax_m2", "hunyuan_v1_moe", "qwen3_next", "qwen3_5_moe_text", "llama4_text"]
-FAMILIES = MOE_FAMILIES + ["qwen2", "qwen3"]
+FAMILIES = MOE_FAMILIES + ["qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"]
 # Routers that compute their logits in float32 whatever the model's dtype (DeepSeek-V3's, ERNIE's,
 # HunYuan's), so a float64 model is exact only to float32 rounding of the logits.
 FP64_TOL = 1e-6
-# Qwen3-Next / Qwen3.5 compute their norms and their linear-attention recurrence in float32 whatever the
-# model's dtype; float32 rounding of the smoothed norms is amplified through the recurrence (a wrong fold
-# would be off by order one).
-FP32_MATH_TOL = {"qwen3_next": 5e-4, "qwen3_5_moe_text": 5e-4}
+# x_hat (1 + w) norms (Gemma, Qwen3-Next, Qwen3.5) compute in float32 whatever the model's dtype, and so
+# does the Qwen linear-attention recurrence, which amplifies float32 rounding of the smoothed norms; a
+# wrong fold would be off by order one.
+FP32_MATH_TOL = {"qwen3_next": 5e-4, "qwen3_5_moe_text": 5e-4, "gemma": 1e-4, "gemma2": 1e-4, "gemma3_text": 1e-4}
 
 
 def _biased(model: nn.Module) -> nn.Module:
