@@ -142,6 +142,7 @@ DBRX = ModelSpec(
     attn_value=None, mlp_norm="norm_attn_norm.norm_2", mlp="ffn", router="router.layer", expert_kind="dbrx_glu",
     num_experts_attr="ffn_config.moe_num_experts", top_k_attr="ffn_config.moe_top_k",
     routing=routing.softmax_topk_pnorm)
+PHIMOE = ModelSpec(name="phimoe", router="router", routing=routing.sparse_mixer)
 MINIMAX_M2 = ModelSpec(name="minimax_m2", routing=routing.sigmoid_block_biased)
 HUNYUAN_V1_MOE = ModelSpec(name="hunyuan_v1_moe", router="gate.wg", shared_experts="shared_mlp",
                            num_experts_attr="num_experts", top_k_attr="moe_topk",
@@ -171,6 +172,7 @@ SPECS: dict[str, ModelSpec | Callable[[object], ModelSpec]] = {
     "Ernie4_5_MoeForCausalLM": ERNIE4_5_MOE,
     "GraniteMoeForCausalLM": GRANITEMOE,
     "DbrxForCausalLM": DBRX,
+    "PhimoeForCausalLM": PHIMOE,
     "GraniteMoeSharedForCausalLM": GRANITEMOESHARED,
     "MiniMaxM2ForCausalLM": MINIMAX_M2,
     "HunYuanMoEV1ForCausalLM": HUNYUAN_V1_MOE,

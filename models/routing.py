@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 SCORES = ("softmax", "sigmoid")
-WEIGHTS = ("scores", "softmax_of_top_logits", "sigmoid_of_top_logits")
+WEIGHTS = ("scores", "softmax_of_top_logits", "sigmoid_of_top_logits", "selector")
 GROUP_SCORES = ("top2_sum", "max")
 OUTPUTS = ("triple", "logits", "scores_logits")
 
@@ -87,6 +87,9 @@ class RoutingFunction:
     group_score: str = "top2_sum"
     output: str = "triple"
     choice_bias_at: tuple[nn.Module, str] | None = None
+    # weights="selector": logits -> (weights, index), a choice no field above describes (PhiMoE's
+    # sparse mixer), taken from the family's modeling code.
+    selector: Callable | None = None
 
     def __post_init__(self):
         for value, allowed in ((self.score, SCORES), (self.weights, WEIGHTS), (self.group_score, GROUP_SCORES),
@@ -138,6 +141,9 @@ class RoutingFunction:
     def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(index [T, k], weights [T, k]) as the family's MoE block computes them."""
         logits = _at_least_float32(logits)
+        if self.weights == "selector":
+            weights, index = self.selector(logits)
+            return index, weights
         if self.weights != "scores":
             top, index = logits.topk(self.top_k, dim=-1)
             return index, top.softmax(-1) if self.weights == "softmax_of_top_logits" else top.sigmoid()
@@ -266,3 +272,14 @@ def softmax_topk_pnorm(config, mlp: nn.Module, router: nn.Module, top_k: int) ->
     `moe_normalize_expert_weights`-norm (none when it is None)."""
     p = config.ffn_config.moe_normalize_expert_weights
     return _base(router, top_k, normalize=p is not None, norm_ord=p, output="logits")
+
+
+def sparse_mixer(config, mlp: nn.Module, router: nn.Module, top_k: int) -> RoutingFunction:
+    """PhiMoE: the sparse mixer's inference path (the best expert by softmax, then the best of the
+    rest that is within 2 * router_jitter_noise of it, each weighted by a softmax over the candidates),
+    computed by transformers' own `sparsemixer`; probabilities are the softmax of the logits."""
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    jitter = config.router_jitter_noise
+    return _base(router, top_k, weights="selector",
+                 selector=lambda logits: sparsemixer(logits, jitter_eps=jitter, training=False, top_k=top_k))

@@ -95,6 +95,8 @@ TINY = {
         attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
         ffn_config=dict(hidden_size=64, ffn_hidden_size=48, moe_num_experts=4, moe_top_k=2),
     ),
+    # Sparse-mixer top-2 routing; LayerNorms with biases.
+    "phimoe": dict(model_type="phimoe", intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, head_dim=16),
     "minimax_m2": dict(
         model_type="minimax_m2", intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
     ),

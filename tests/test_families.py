@@ -23,7 +23,7 @@ from .helpers import rel_err, tiny_data
 from .test_fidelity import FP, official
 
 MOE_FAMILIES = ["deepseek_v3", "deepseek_v32", "deepseek_v2", "glm4_moe", "dots1", "gpt_oss", "ernie4_5_moe", "granitemoe",
-                "granitemoeshared", "dbrx", "minimax_m2", "hunyuan_v1_moe", "qwen3_next", "qwen3_5_moe_text", "llama4_text"]
+                "granitemoeshared", "dbrx", "phimoe", "minimax_m2", "hunyuan_v1_moe", "qwen3_next", "qwen3_5_moe_text", "llama4_text"]
 FAMILIES = MOE_FAMILIES + ["qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"]
 # Routers that compute their logits in float32 whatever the model's dtype (DeepSeek-V3's, ERNIE's,
 # HunYuan's), so a float64 model is exact only to float32 rounding of the logits.
@@ -166,8 +166,10 @@ def _outliers(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for layer in decoder_layers(model, spec):
             for path, channels in ((spec.attn_norm, [3, 17, 40]), (spec.mlp_norm, [5, 33])):
-                w = layer.get_submodule(path).weight
-                w[channels] = (w[channels] + spec.norm_weight_offset) * 25 - spec.norm_weight_offset
+                norm = layer.get_submodule(path)
+                norm.weight[channels] = (norm.weight[channels] + spec.norm_weight_offset) * 25 - spec.norm_weight_offset
+                if getattr(norm, "bias", None) is not None:  # LayerNorm biases start at zero, hiding an unscaled bias
+                    norm.bias.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
     return model
 
 
@@ -226,7 +228,7 @@ def test_w4a4_end_to_end(arch, tmp_path):
 # Families whose hub checkpoints store one tensor per expert (save_pretrained writes them that way
 # through transformers' conversion mapping); gpt-oss and Granite store them fused.
 PER_EXPERT_HUB = {"deepseek_v3", "deepseek_v32", "deepseek_v2", "glm4_moe", "dots1", "ernie4_5_moe", "minimax_m2",
-                  "hunyuan_v1_moe", "qwen3_next", "qwen3_5_moe_text"}
+                  "hunyuan_v1_moe", "qwen3_next", "qwen3_5_moe_text", "phimoe"}
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
