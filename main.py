@@ -41,6 +41,7 @@ from eaquant_ext.moequant.ebss import ebss_calibration
 from eaquant_ext.router_align import router_quantizer
 from eaquant_ext.smoothing import moe_smoothing
 from models import DEFAULT_MODEL, ModelLoadError, get_spec, load_model, resolve_model_name
+from models.spec import config_value
 from models.files import PathError, check_output_dir, describe, remove_stale_temporaries, write_file_atomically
 
 # `python main.py` with no arguments: sizes chosen to finish in minutes on 2 CPU cores; Gutenberg is
@@ -170,6 +171,10 @@ def load_for_run(run: RunConfig) -> tuple:
     if run.data.seqlen > max_pos:
         print(f"notice: --seqlen {run.data.seqlen} exceeds the model's {max_pos} positions; using {max_pos}")
         run = replace(run, data=replace(run.data, seqlen=max_pos))
+    reason = getattr(spec, "kv_quant_unsupported", None)
+    if reason and run.quant is not None and run.quant.kv_bits < 16 and not run.kv_bits_given:
+        print(f"notice: KV cache left at 16 bits for {type(model).__name__} ({reason})")
+        run = replace(run, quant=replace(run.quant, kv_bits=16))
     check_model_support(run, model, spec)
     return run, model, tokenizer, spec, device, timings
 
@@ -198,6 +203,14 @@ def describe_run(run: RunConfig, model) -> str:
             f"(windows {run.eval.ppl_samples or 'all'}), device {run.device}")
 
 
+def model_top_k(spec, config) -> int | None:
+    """Experts per token (the largest, where a family sets it per layer); None for a dense model."""
+    if spec.router is None:
+        return None
+    value = config_value(config, spec.top_k_attr)
+    return max(value) if isinstance(value, (list, tuple)) else value
+
+
 def calibration_data(run: RunConfig, model, spec, tokenizer, device, result: dict):
     """(calibration ids or None, expert-only extra ids or None): EBSS or the named set, then EAQuant's
     balancing; nothing is read when no step of the method uses calibration data."""
@@ -217,7 +230,7 @@ def calibration_data(run: RunConfig, model, spec, tokenizer, device, result: dic
     cap = d.nsamples if ea.balance_max_extra is None else ea.balance_max_extra
     pool = calibration_segments(ea.balance_dataset, tokenizer, 2 * cap, d.seqlen, run.seed + 1)
     extra, result["calib_balance"] = balance_calibration(
-        model, spec, calib, pool, getattr(model.config, spec.top_k_attr), ea.balance_ratio, cap, device)
+        model, spec, calib, pool, model_top_k(spec, model.config), ea.balance_ratio, cap, device)
     b = result["calib_balance"]
     print(f"calibration balance: {b['starved_before']} starved (layer, expert) pairs under {b['threshold']:.0f} "
           f"tokens -> {b['starved_after']} after adding {b['added_sequences']} sequences"
@@ -242,7 +255,7 @@ def quantize_step(run: RunConfig, model, spec, tokenizer, device, out_dir: Path,
     timings["quantize"] = report.timings.pop("total")
     timings.update({f"quantize_{k}": v for k, v in report.timings.items()})
     result["layers"] = report.layers
-    result["router"], result["experts"] = summarize(report.layers, getattr(model.config, spec.top_k_attr, None))
+    result["router"], result["experts"] = summarize(report.layers, model_top_k(spec, model.config))
     profiles = [r.pop("channel_absmax") for r in report.layers if "channel_absmax" in r]
     if profiles:
         result["channel_absmax"] = {"layer": profile_layer, "sites": profiles[0]}

@@ -21,7 +21,7 @@ class RoutingAgreement:
         self.counts = torch.zeros(routing.num_experts, dtype=torch.long)
 
     def __call__(self, module, args, out) -> None:
-        fp = self.routing.from_output(self.fp_router(args[0]))
+        fp = self.routing.from_output(self.fp_router(*args))  # some routers take more than the input
         q = self.routing.from_output(out)
         self.same += self.routing.same_experts(fp.index, q.index).sum().item()
         self.kl += self.routing.kl(fp.logits, q.logits).sum().item()

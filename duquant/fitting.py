@@ -22,7 +22,7 @@ from models.sites import Site, layer_sites
 from models.spec import LayerView
 
 from .config import DuQuantConfig, QuantConfig
-from .qlinear import QLinear
+from .qlinear import QLinear, SiteInput
 from .quantizer import ActQuantizer, QuantizedWeight, WeightQuantizer
 from .smoothing import (fold_into_norm, fold_into_up, fold_into_v, foldable_into_v, site_smoothing,
                         smoothing_readers)
@@ -144,16 +144,16 @@ class LayerQuantizer:
             xs = [t.act(x) for t, x in zip(ts, xs)]
         return [st[0] if len(st) == 1 else Compose(st) for st in steps]
 
-    def wrap(self, owner: tuple[nn.Module, str], transform: nn.Module | None, wbits: int, abits: int,
+    def wrap(self, owner: tuple[nn.Module, str], site: SiteInput | None, wbits: int, abits: int,
              quantized: QuantizedWeight | None = None) -> None:
         parent, name = owner
         inner = getattr(parent, name)
         w_quant = self.weight_quantizer(wbits)
         if self.deferred is not None and quantized is None and wbits < 16:
-            qlinear = QLinear(inner, transform, self.act_quant(abits), KEEP_FP)
+            qlinear = QLinear(inner, site, self.act_quant(abits), KEEP_FP)
             self.deferred.append((qlinear, w_quant))
         else:
-            qlinear = QLinear(inner, transform, self.act_quant(abits), w_quant, quantized)
+            qlinear = QLinear(inner, site, self.act_quant(abits), w_quant, quantized)
         setattr(parent, name, qlinear)
 
 
@@ -254,9 +254,9 @@ def smooth_sites(view: LayerView, sites: list[Site], stats: LayerStats, lq: Laye
 # ---- step 2: rotations ----
 
 def rotate_sites(fits: list[SiteFit], lq: LayerQuantizer) -> None:
-    """Consecutive sites of one kind (all routed experts' inputs, all their down-ins) are searched
-    together; the order of the fits is the sites' order, which numbers the redrawn seeds."""
-    for _, run in groupby(fits, key=lambda f: (f.site.expert is not None, f.site.fold)):
+    """Consecutive sites of one kind and width (all routed experts' inputs, all their down-ins) are
+    searched together; the order of the fits is the sites' order, which numbers the redrawn seeds."""
+    for _, run in groupby(fits, key=lambda f: (f.site.expert is not None, f.site.fold, f.x.shape[-1])):
         run = list(run)
         for f, rotation in zip(run, lq.rotations_many([f.x for f in run])):
             f.rotation = rotation
@@ -274,28 +274,31 @@ def _owners(root: nn.Module) -> dict[nn.Module, tuple[nn.Module, str]]:
     return out
 
 
-def wrap_router(view: LayerView, fit: SiteFit, lq: LayerQuantizer, owner, info: dict) -> None:
+def wrap_router(view: LayerView, fit: SiteFit, lq: LayerQuantizer, owner, site: SiteInput | None, info: dict) -> None:
     """The router is quantized on its own bits, by the router-quantizer extension if one is given
     (it sees the transformed FP weight and a sample of transformed router inputs)."""
     q, t = lq.q, fit.transform
     if lq.ext.quantize_router is None or q.router_wbits >= 16:
-        lq.wrap(owner, t, q.router_wbits, q.router_abits)
+        lq.wrap(owner, site, q.router_wbits, q.router_abits)
         return
     router_w = view.router.weight.detach().float().cpu()  # alignment runs beside its CPU statistics
     router_w_t = t.weight(router_w) if t is not None else router_w
     x_t = t.act(fit.x) if t is not None else fit.x
     quantized, info["router_align"] = lq.ext.quantize_router(view, router_w_t, x_t, q)
-    lq.wrap(owner, t, q.router_wbits, q.router_abits, quantized=quantized)
+    lq.wrap(owner, site, q.router_wbits, q.router_abits, quantized=quantized)
 
 
 def wrap_sites(view: LayerView, fits: list[SiteFit], lq: LayerQuantizer, info: dict) -> None:
+    """Every reader of a site gets the site's one `SiteInput`, so T(x) is computed once per input."""
     owners = _owners(view.layer)
     for fit in fits:
+        t = fit.transform
+        site = SiteInput(t, fit.site.hook.weight.shape[1]) if t is not None else None
         for reader in fit.site.readers:
             if reader is view.router:
-                wrap_router(view, fit, lq, owners[reader], info)
+                wrap_router(view, fit, lq, owners[reader], site, info)
             else:
-                lq.wrap(owners[reader], fit.transform, *lq.reader_bits(view, reader))
+                lq.wrap(owners[reader], site, *lq.reader_bits(view, reader))
 
 
 def channel_profile(fit: SiteFit) -> dict:

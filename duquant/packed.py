@@ -193,8 +193,6 @@ def apply_state(root: nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -
     for name, e in linears.items():
         inner = root.get_submodule(name)
         tid = e.get("transform")
-        if tid is not None and tid not in sites:
-            sites[tid] = SiteInput(built[tid], e["shape"][-1])
         dtype = getattr(torch, e["dtype"])
         if e["bits"] >= 16:
             qw = QuantizedWeight(tensors[f"{name}.weight"].to(dtype))
@@ -204,6 +202,8 @@ def apply_state(root: nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -
             scale = tensors[f"{name}.scale"]
             qw = QuantizedWeight.from_codes(codes, scale, tensors[f"{name}.zero"].to(scale.dtype), e["bits"],
                                             e["sym"], dtype, tensors.get(f"{name}.g_idx"))
+        if tid is not None and tid not in sites:  # after the codes' check: a site's width is the record's
+            sites[tid] = SiteInput(built[tid], e["shape"][-1])
         if f"{name}.bias" in tensors:
             inner.bias.data = tensors[f"{name}.bias"].to(inner.bias.dtype)
         # Models saved before the activation range became an option all forced 0 into the range.

@@ -38,8 +38,11 @@ def _scaled(w: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def fold_into_norm(norm: nn.Module, readers, s: torch.Tensor) -> None:
-    """x/s is produced by the norm (gamma/s) and undone in every reader (W diag(s)): exact in FP."""
+    """x/s is produced by the norm (gamma/s, and beta/s for a LayerNorm with a bias) and undone in
+    every reader (W diag(s)): exact in FP."""
     norm.weight.data = _scaled(norm.weight.data, 1.0 / s.double())
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.data = _scaled(norm.bias.data, 1.0 / s.double())
     for r in readers:
         r.weight.data = _scaled(r.weight.data, s)
 

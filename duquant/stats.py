@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from models.routing import RoutingFunction
+from models.sites import layer_sites
 from models.spec import LayerView
 
 
@@ -109,13 +110,14 @@ class LayerStats:
 
 
 @contextmanager
-def collect(modules: list[nn.Module], router: nn.Module | None, num_experts: int, cap: int, seed: int):
-    """Hooks on `modules` (inputs) and `router` (routing), always removed on exit."""
+def collect(modules: list[nn.Module], router: nn.Module | None, num_experts: int, cap: int, seed: int,
+            routing: RoutingFunction | None = None):
+    """Hooks on `modules` (inputs) and `router` (routing, read through `routing`), always removed on exit."""
     gen = torch.Generator().manual_seed(seed)
     stats = LayerStats({m: InputStats(cap, gen) for m in modules})
     handles = [m.register_forward_pre_hook(lambda mod, args: stats.update_input(mod, args[0])) for m in modules]
     if router is not None:
-        stats.router = RouterStats(num_experts)
+        stats.router = RouterStats(num_experts, routing=routing)
         handles.append(router.register_forward_hook(lambda mod, args, out: stats.update_router(out)))
     try:
         yield stats
@@ -125,15 +127,13 @@ def collect(modules: list[nn.Module], router: nn.Module | None, num_experts: int
 
 
 def hooked_sites(view: LayerView) -> list[nn.Module]:
-    """One reader per distinct input: the statistics of a site are those of its first reader."""
-    mlps = [view.dense] if view.dense is not None else view.shared + view.experts
-    mods = [view.attn_in[0], view.attn_out] + [m for mlp in mlps for m in (mlp.gate_proj, mlp.down_proj)]
-    return mods + ([view.router] if view.router is not None else [])
+    """One reader per site (models/sites.py): a site's statistics are those of its first reader."""
+    return [site.hook for site in layer_sites(view)]
 
 
 def routed_expert_inputs(view: LayerView) -> set[nn.Module]:
     """The hooked modules that only routed tokens reach (what expert-only extra data calibrates)."""
-    return {m for e in view.experts for m in (e.gate_proj, e.down_proj)}
+    return {site.hook for site in layer_sites(view) if site.expert is not None}
 
 
 def take_rotation_rows(stats: LayerStats, rows: LayerStats) -> None:

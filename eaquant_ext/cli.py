@@ -85,10 +85,12 @@ class RunConfig:
     eval: EvalConfig
     output: OutputConfig
     given_bits: tuple[tuple[str, int], ...] = ()  # bit widths typed with --load: must match the saved model
+    kv_bits_given: bool = False  # an explicit --kv_bits is refused where the family cannot honour it
+
 
     def fingerprint(self) -> dict:
         """What decides the quantized model: a partial run resumes only if this is the same."""
-        return {k: v for k, v in asdict(self).items() if k not in ("eval", "output", "device", "given_bits")}
+        return {k: v for k, v in asdict(self).items() if k not in ("eval", "output", "device", "given_bits", "kv_bits_given")}
 
 
 @dataclass(frozen=True)
@@ -495,7 +497,7 @@ def build_config(argv: list[str]) -> RunConfig:
                        None if args.save_dir is None else str(args.save_dir), tuple(args.export) if args.export else None,
                        None, args.resume, args.stream, None if args.stream_dir is None else str(args.stream_dir))
     run = RunConfig(args.model, method, args.method, recipe, args.seed, args.device, args.dtype, data, quant, duq,
-                    ea, mq, gptq, evaluation, out)
+                    ea, mq, gptq, evaluation, out, kv_bits_given="kv_bits" in given)
     return apply_sets(run, args.set)
 
 

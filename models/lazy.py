@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import functools
 import json
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,6 +81,11 @@ def _opened(file: Path):
         yield f
 
 
+def _unescaped(pattern: str) -> str:
+    """A regular expression's literal text (`a\\.b` -> `a.b`)."""
+    return re.sub(r"\\(.)", r"\1", pattern)
+
+
 class LazyCheckpoint:
     """The tensors of a safetensors checkpoint directory, read on demand by model parameter name."""
 
@@ -108,11 +114,13 @@ class LazyCheckpoint:
             return f.get_tensor(name)
 
     def _renamings(self, name: str) -> list[str]:
-        """`name` and its spellings in older checkpoints (transformers' renames, run backwards)."""
+        """`name` and its spellings in older checkpoints (transformers' renames, run backwards; their
+        patterns are regular expressions, of which only the escaped literal ones occur here)."""
         out = [name]
         for conv in self.conversions:
             if type(conv).__name__ == "WeightRenaming":
                 for src, dst in zip(conv.source_patterns, conv.target_patterns):
+                    src, dst = _unescaped(src), _unescaped(dst)
                     out += [n.replace(dst, src) for n in out if dst in n]
         return out
 
