@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     from eaquant_ext.balance import routing_counts
     from eaquant_ext.moequant.ebss import ebss_calibration
     from models import get_spec, load_model
+    from models.spec import config_value
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo-mixtral")
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     spec = get_spec(model)
     if spec.router is None:
         sys.exit(f"error: {args.model} has no MoE layers")
-    top_k = getattr(model.config, spec.top_k_attr)
+    top_k = config_value(model.config, spec.top_k_attr)
     sets = {
         "wikitext2 (test windows)": wikitext2_windows(tok, args.nsamples, args.seqlen, args.seed),
         "c4": calibration_segments("c4", tok, args.nsamples, args.seqlen, args.seed),
