@@ -15,8 +15,8 @@ another). The fitting functions work in float64 (the greedy search in float32, s
 `_greedy_rotation`) and return buffers in the dtype of their input statistics (the model
 dtype), as QuaRot does.
 
-DuQuant is Compose([Smooth, BlockRotation R1, Permutation (zigzag), BlockRotation R2]),
-built by `fit_duquant`.
+DuQuant is Compose([Smooth, BlockRotation R1, Permutation (zigzag), BlockRotation R2]), fitted
+site by site by duquant/fitting.py.
 """
 from __future__ import annotations
 
@@ -387,13 +387,6 @@ def fit_block_rotations(
     return [BlockRotation(bl.to(x.dtype), None if t is None else t.to(x.dtype)) for bl, t, x in zip(blocks, tails, xs)]
 
 
-def fit_block_rotation(
-    x: torch.Tensor, block_size: int = 128, max_steps: int = 256, seed: int = 0, shared: bool = False
-) -> BlockRotation:
-    """One site's R1/R2; see `fit_block_rotations`."""
-    return fit_block_rotations([x], block_size, max_steps, seed, shared)[0]
-
-
 def _snake(count: int, n_blocks: int, first_round: int = 0) -> torch.Tensor:
     """Block index for each of `count` ranks dealt 0,1,..,n-1,n-1,..,0,0,1,.. ."""
     i = torch.arange(count)
@@ -452,38 +445,3 @@ def fit_rotations(
     if rotate:
         add(fit_block_rotations(cur, block_size, max_steps, seed if seed2 is None else seed2, shared, stop, spreading))
     return [Compose(st).to(x.dtype) for st, x in zip(steps, xs)]
-
-
-def fit_duquant(
-    x: torch.Tensor,
-    w_absmax: torch.Tensor | None,
-    alpha: float = 0.6,
-    block_size: int = 128,
-    max_steps: int = 256,
-    permute: bool = True,
-    rotate: bool = True,
-    smooth: bool = True,
-    seed: int = 0,
-    shared: bool = False,
-) -> Compose:
-    """DuQuant's T = Smooth . R1 . P . R2 for one site, fit on its calibration activations x [..., C].
-
-    w_absmax [C] is the per-input-channel max |W| over all linears reading this site; it is
-    only needed for smoothing. Each step is fit on the activation as the previous steps left
-    it, all in float64; the result is cast to x's dtype. Disabled steps are left out.
-    """
-    if smooth and w_absmax is None:
-        raise ValueError("smoothing needs w_absmax (max |W| per input channel over the readers)")
-    cur = x.reshape(-1, x.shape[-1]).double()
-    steps: list[nn.Module] = []
-
-    def add(t: nn.Module) -> None:
-        nonlocal cur
-        steps.append(t)
-        cur = t.act(cur)
-
-    if smooth:
-        add(fit_smooth(cur.abs().amax(0), w_absmax.double(), alpha))
-    if rotate or permute:
-        steps.extend(fit_rotations([cur], block_size, max_steps, permute, rotate, seed, shared)[0].transforms)
-    return Compose(steps).to(x.dtype)

@@ -14,7 +14,7 @@ from duquant.data import calibration_segments, ppl_segments
 from duquant.gptq import Hessian, gptq_quantize
 from duquant.pipeline import Extensions, quantize_model
 from duquant.quantizer import WeightQuantizer
-from eaquant_ext.moequant.agq import approximation_cosine, affinity_weights, gate_approximation
+from eaquant_ext.moequant.agq import affinity_weights, gate_approximation
 from duquant.diagnostics import expert_balance_std
 from eaquant_ext.balance import routing_counts
 from eaquant_ext.moequant.ebss import ebss_calibration
@@ -130,6 +130,12 @@ def test_agq_changes_the_expert_weights():
     assert torch.equal(out[0].gate_proj.weight, out[1].gate_proj.weight)  # --no-agq_gate: gate_proj unweighted
     assert not torch.equal(out[0].up_proj.weight, out[1].up_proj.weight)
     assert not torch.equal(out[0].down_proj.weight, out[1].down_proj.weight)
+
+
+def approximation_cosine(g: torch.Tensor, c: float, act=F.silu) -> float:
+    """R4: cosine similarity between the approximated and the exact gate-layer output."""
+    a, b = gate_approximation(g.double(), c, act)
+    return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
 
 
 def _qkv_calibration_errors(cfg) -> list[float]:

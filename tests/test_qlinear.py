@@ -6,9 +6,8 @@ import torch
 
 from duquant.qlinear import QLinear, SiteInput
 from duquant.quantizer import ActQuantizer, WeightQuantizer
-from duquant.transforms import fit_duquant
 
-from .helpers import gen
+from .helpers import fit_duquant, gen
 
 
 def _transform(channels: int = 32, block: int = 8):

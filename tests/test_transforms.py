@@ -11,14 +11,12 @@ from duquant.transforms import (
     Compose,
     Permutation,
     Smooth,
-    fit_block_rotation,
     fit_rotations,
-    fit_duquant,
     fit_smooth,
     zigzag_permutation,
 )
 
-from .helpers import gen
+from .helpers import fit_block_rotation, fit_duquant, gen
 
 
 def _outlier_acts(tokens=512, channels=256, outliers=(3, 70, 200), dtype=torch.float64):
@@ -146,7 +144,7 @@ def test_greedy_rotation_lowers_block_max(shared):
 
 
 def test_step_matrix_swaps_the_outlier_channel_to_the_front_and_back():
-    """Each greedy step is P_c G P_c with P_c the swap of coordinates 0 and c (DUQUANT.md, step 1)."""
+    """Each greedy step is P_c G P_c with P_c the swap of coordinates 0 and c (docs/algorithm.md, section 3)."""
     b = 16
     g = _spreading_matrix(b, 0)
     channel = torch.tensor([0, 5, 15, 1])

@@ -40,12 +40,6 @@ def gate_approximation(g: torch.Tensor, c: float | torch.Tensor, act=F.silu) -> 
     return act(c * g), c * act(g)
 
 
-def approximation_cosine(g: torch.Tensor, c: float | torch.Tensor, act=F.silu) -> float:
-    """R4: cosine similarity between the approximated and the exact gate-layer output."""
-    a, b = gate_approximation(g.double(), c, act)
-    return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
-
-
 class _Cosine:
     """Running cosine similarity of two flattened tensors."""
 
