@@ -26,7 +26,7 @@ class RoutingAgreement:
         self.same += self.routing.same_experts(fp.index, q.index).sum().item()
         self.kl += self.routing.kl(fp.logits, q.logits).sum().item()
         self.tokens += fp.logits.shape[0]
-        self.counts += torch.bincount(fp.index.reshape(-1).cpu(), minlength=self.routing.num_experts)
+        self.counts += self.routing.expert_counts(fp.index)
 
     def summary(self) -> dict:
         n = max(self.tokens, 1)

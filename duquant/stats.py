@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from models.routing import RoutingFunction
+from models.routing import RoutingFunction, expert_counts
 from models.sites import layer_sites
 from models.spec import LayerView
 
@@ -84,7 +84,7 @@ class RouterStats:
         else:
             logits, _, index = output
             probs = logits.float().softmax(-1)
-        self.counts += torch.bincount(index.reshape(-1).cpu(), minlength=self.num_experts)
+        self.counts += expert_counts(index, self.num_experts)
         self.prob_sum += probs.sum(0).double().cpu()
         self.tokens += logits.shape[0]
 

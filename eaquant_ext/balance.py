@@ -34,7 +34,7 @@ def routing_counts(model, spec: ModelSpec, ids: torch.Tensor, device="cpu") -> t
                 routing = layer_routing(spec, model.config, layer, i)
                 seen: list[torch.Tensor] = []
                 handle = router.register_forward_hook(lambda m, a, out, routing=routing: seen.append(
-                    torch.bincount(routing.from_output(out).index.reshape(-1).cpu(), minlength=routing.num_experts)))
+                    routing.expert_counts(routing.from_output(out).index)))
                 hidden = advance(layer, hidden, kwargs)
                 handle.remove()
                 per_layer.append(torch.stack(seen))

@@ -39,6 +39,12 @@ class Routing(NamedTuple):
     weights: torch.Tensor
 
 
+def expert_counts(index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Routed tokens per expert [E] (on the CPU) of a selection [..., k]: what calibration
+    statistics, routing agreement and calibration balance all count."""
+    return torch.bincount(index.reshape(-1).cpu(), minlength=num_experts)
+
+
 def unwrapped(module: nn.Module) -> nn.Module:
     """The router itself when the pipeline has wrapped it (duquant/qlinear.py's QLinear keeps the
     original module as `inner`), so biases are found before and after quantization."""
@@ -200,6 +206,10 @@ class RoutingFunction:
     def same_experts(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Per token: whether two selections [T, k] choose the same set of experts."""
         return (a.sort(-1).values == b.sort(-1).values).all(-1)
+
+    def expert_counts(self, index: torch.Tensor) -> torch.Tensor:
+        """Routed tokens per expert [E] (on the CPU) of a selection [T, k]."""
+        return expert_counts(index, self.num_experts)
 
 
 RoutingBuilder = Callable[..., RoutingFunction]
