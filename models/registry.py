@@ -189,3 +189,31 @@ def get_spec(model) -> ModelSpec:
         raise ValueError(f"unsupported model class {name}; supported: {', '.join(sorted(SPECS))}")
     spec = SPECS[name]
     return spec if isinstance(spec, ModelSpec) else spec(model.config)
+
+
+def _family_row(arch: str) -> str:
+    """One README row, read off the adapter of tiny-`arch`'s class (models/tiny.py builds its config)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from .tiny import tiny_config
+
+    config = tiny_config(arch)
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__
+    spec = SPECS[cls] if isinstance(SPECS[cls], ModelSpec) else SPECS[cls](config)
+    moe = spec.router is not None
+    shared = spec.shared_experts is not None or spec.shared_in_layer or spec.shared_fused is not None
+    cells = [f"`{arch}`", cls, f"`{spec.routing.__name__}`" if moe else "dense",
+             "yes" if shared else "-", "MLA (norms inside attention)" if spec.inner_norms else "standard",
+             "hybrid" if spec.layer_overrides is not None else "-", spec.expert_kind if moe else "-",
+             "16 bits only" if spec.kv_quant_unsupported else "yes"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def family_table() -> str:
+    """The README's family table, generated from the adapters (tests/test_models.py keeps README.md
+    equal to it)."""
+    from .tiny import TINY
+
+    head = ("| `--model tiny-...` | class | routing (models/routing.py) | shared experts | attention | layers "
+            "| experts | KV-cache quantization |\n|---|---|---|---|---|---|---|---|")
+    return "\n".join([head] + [_family_row(arch) for arch in TINY])
