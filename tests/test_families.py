@@ -12,7 +12,7 @@ import main
 from duquant.pipeline import quantize_model
 from duquant.qlinear import QLinear
 from models import get_spec, resolve
-from models.experts import unfuse_experts
+from models.experts import route_all_tokens, unfuse_experts
 from models.registry import MLA_KV
 from models.routing import unwrapped
 from models.sites import layer_sites
@@ -68,6 +68,20 @@ def test_unfusing_is_exact_and_every_linear_is_a_site_reader(arch):
         covered = {r for site in layer_sites(view) for r in site.smoothing_readers}
         linears = {n for n, m in view.layer.named_modules() if isinstance(m, nn.Linear) and m not in covered}
         assert not linears, f"layer {view.index}: {sorted(linears)} belong to no site"
+
+
+@pytest.mark.parametrize("arch", [a for a in MOE_FAMILIES if a != "llama4_text"])  # Llama 4 refuses route-all
+def test_routing_every_token_to_every_expert_leaves_logits_unchanged(arch):
+    """Calibration's route-all mode runs every expert on every token but sums only the routed outputs."""
+    model, _ = tiny_model(arch, dtype=torch.float64)
+    _biased(model)
+    ids = torch.randint(0, 8192, (2, 16), generator=torch.Generator().manual_seed(1))
+    _views(model)
+    with torch.no_grad():
+        ref = model(ids).logits
+        with route_all_tokens(model, get_spec(model)):
+            out = model(ids).logits
+    assert (out - ref).abs().max().item() < 1e-10
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
