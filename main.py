@@ -171,7 +171,7 @@ def load_for_run(run: RunConfig) -> tuple:
     if run.data.seqlen > max_pos:
         print(f"notice: --seqlen {run.data.seqlen} exceeds the model's {max_pos} positions; using {max_pos}")
         run = replace(run, data=replace(run.data, seqlen=max_pos))
-    reason = getattr(spec, "kv_quant_unsupported", None)
+    reason = spec.kv_quant_unsupported
     if reason and run.quant is not None and run.quant.kv_bits < 16 and not run.kv_bits_given:
         print(f"notice: KV cache left at 16 bits for {type(model).__name__} ({reason})")
         run = replace(run, quant=replace(run.quant, kv_bits=16))
@@ -186,7 +186,7 @@ def check_model_support(run: RunConfig, model, spec) -> None:
         raise ConfigError(f"{option} require an MoE model, but {name} has no MoE layers")
     if run.moequant.any and spec.router is None:
         raise ConfigError(f"MoEQuant options (--recipe moequant, --agq, --ebss) require an MoE model, but {name} has no MoE layers")
-    reason = getattr(spec, "kv_quant_unsupported", None)
+    reason = spec.kv_quant_unsupported
     if run.quant is not None and run.quant.kv_bits < 16 and reason:
         raise ConfigError(f"--kv_bits {run.quant.kv_bits}: {reason}; pass --kv_bits 16 for {name}")
 

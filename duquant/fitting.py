@@ -174,11 +174,9 @@ def _smooth_norm(site: Site, view: LayerView, stats: LayerStats, lq: LayerQuanti
     if cfg.smooth:
         if is_moe_in:
             s = (lq.ext.moe_smoothing or default_moe_smoothing)(view, stats, cfg)
-            readers = site.smoothing_readers
         else:
             s = site_smoothing(st.absmax, smoothing_readers(cfg, site.readers, site.smooth_reader), cfg)
-            readers = site.readers
-        fold_into_norm(site.target, readers, s)
+        fold_into_norm(site.target, site.smoothing_readers, s)
         x = x / s
     if is_moe_in:
         moe.append(MoEInput(s if cfg.smooth else torch.ones_like(st.absmax), x))

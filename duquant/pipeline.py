@@ -95,12 +95,16 @@ def quantizes_anything(quant: QuantConfig) -> bool:
     return min(quant.wbits, quant.abits, quant.kv_bits, quant.router_wbits, quant.router_abits) < 16
 
 
+def needs_statistics(cfg: DuQuantConfig, ext: Extensions) -> bool:
+    """Whether fitting reads a layer's calibration statistics: transforms, or an aligned router."""
+    return cfg.fits_transforms or ext.quantize_router is not None
+
+
 def needs_calibration(quant: QuantConfig, cfg: DuQuantConfig, gptq: GPTQConfig | None,
                       ext: Extensions | None = None) -> bool:
     """Whether any step reads calibration data. Round-to-nearest of weights, and dynamic per-token
     activation quantization, need none: such runs are data-free (and report no routing agreement)."""
-    ext = ext or Extensions()
-    data_steps = cfg.fits_transforms or gptq is not None or ext.quantize_router is not None
+    data_steps = needs_statistics(cfg, ext or Extensions()) or gptq is not None
     return (quantizes_anything(quant) or cfg.fit_at_16_bits) and data_steps
 
 
@@ -145,8 +149,7 @@ def quantize_data_free(job: LayerJob, view: LayerView) -> dict:
 def observe_layer(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibration,
                   lq: LayerQuantizer) -> tuple[LayerStats | None, dict]:
     """Step 1: statistics, only when some quantized site fits a transform (or the router is aligned)."""
-    fits = job.cfg.fits_transforms or job.ext.quantize_router is not None
-    if not (fits and any(lq.quantizes(view, s) for s in layer_sites(view))):
+    if not (needs_statistics(job.cfg, job.ext) and any(lq.quantizes(view, s) for s in layer_sites(view))):
         return None, {}
     return layer_statistics(job.model, job.spec, layer, view, data, job.cfg, job.seed + view.index, job.route_all)
 
