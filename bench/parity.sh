@@ -6,6 +6,7 @@
 # interrupted sweep resumes. Summarise with `python bench/parity_table.py results/parity`.
 #   bash bench/parity.sh            # everything (about 1 h on 2 idle cores)
 #   STAGES=main bash bench/parity.sh   # ABLATION_MODEL (default demo-llama-s) gets the one-at-a-time runs
+#   STAGES=ablation ABLATION_WBITS="4 3" bash bench/parity.sh   # the one-at-a-time runs at W4A4 and W3A4
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/parity}
@@ -30,10 +31,12 @@ runs() {
       done
     done
     [[ " $STAGES " == *" ablation "* && $model == "${ABLATION_MODEL:-demo-llama-s}" ]] || continue
-    for seed in $SEEDS; do
-      for opt in "${ABLATIONS[@]}"; do
-        tag=$(echo "$opt" | tr -d '-' | tr ' ' '=')
-        echo "$model/default+$tag-w4a4-s$seed --model $model --method duquant --wbits 4 --abits 4 --seed $seed $opt"
+    for w in ${ABLATION_WBITS:-4}; do
+      for seed in $SEEDS; do
+        for opt in "${ABLATIONS[@]}"; do
+          tag=$(echo "$opt" | tr -d '-' | tr ' ' '=')
+          echo "$model/default+$tag-w${w}a4-s$seed --model $model --method duquant --wbits $w --abits 4 --seed $seed $opt"
+        done
       done
     done
   done

@@ -196,11 +196,12 @@ def _smooth_value(site: Site, view: LayerView, stats: LayerStats, cfg: DuQuantCo
     return SiteFit(site, st.sample / s)
 
 
-def expert_down_stats(expert: nn.Module, x: torch.Tensor, down_stats):
-    """down-in rows of an expert that saw too few tokens, recomputed from all MoE-input rows `x`
-    (already smoothed, and the expert's weights already carry the folded scale)."""
-    gate, up = (p.weight.detach().to("cpu", x.dtype) for p in (expert.gate_proj, expert.up_proj))
-    h = expert.act_fn(x @ gate.T) * (x @ up.T)
+def expert_down_stats(site: Site, moe: list, down_stats):
+    """The down-in statistics of `site`, recomputed from all MoE-input rows when its expert saw too
+    few routed tokens (the rows are already smoothed, and the expert's weights carry the folded scale)."""
+    if site.expert is None or site.expert not in moe[0].fallbacks:
+        return down_stats
+    h = site.mlp.module.down_input(moe[0].x)
     fb = copy.copy(down_stats)
     fb.sample, fb.absmax, fb.count = h, h.abs().amax(0), h.shape[0]
     return fb
@@ -209,9 +210,7 @@ def expert_down_stats(expert: nn.Module, x: torch.Tensor, down_stats):
 def _smooth_up_rows(site: Site, stats: LayerStats, cfg: DuQuantConfig, moe: list) -> SiteFit:
     """down-in: folded into up_proj's rows; an expert that fell back to all MoE-input rows gets its
     down-in rows recomputed from them."""
-    st = stats[site.hook]
-    if site.expert is not None and site.expert in moe[0].fallbacks:
-        st = expert_down_stats(site.mlp.module, moe[0].x, st)
+    st = expert_down_stats(site, moe, stats[site.hook])
     x = st.take()
     if cfg.smooth:
         s = site_smoothing(st.absmax, site.readers, cfg)
@@ -243,7 +242,7 @@ def smooth_sites(view: LayerView, sites: list[Site], stats: LayerStats, lq: Laye
         elif site.fold == "moe_in":
             fit = _smooth_expert_in(site, stats, lq.cfg, moe)
         else:
-            fit = _smooth_online(site, stats[site.hook], lq.cfg)
+            fit = _smooth_online(site, expert_down_stats(site, moe, stats[site.hook]), lq.cfg)
         fit.raw = raw
         fits.append(fit)
     return fits, moe

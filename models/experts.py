@@ -11,11 +11,18 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .spec import ModelSpec, decoder_layers, get_module, layer_spec, set_module, shared_module, shared_path
 
 # The 3-D tensors of a fused experts module, emptied once unfused (the shell keeps only its config).
 FUSED_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+
+
+def _apply(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`linear(x)` with its weight and bias cast to x's device and dtype (its own stay where they are)."""
+    bias = None if linear.bias is None else linear.bias.detach().to(x.device, x.dtype)
+    return F.linear(x, linear.weight.detach().to(x.device, x.dtype), bias)
 
 
 class ExpertMLP(nn.Module):
@@ -30,6 +37,11 @@ class ExpertMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    def down_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What down_proj reads for the rows `x`, in x's dtype on x's device: the calibration fallback
+        of an expert that saw too few routed tokens recomputes its down-in rows with it."""
+        return self.act_fn(_apply(self.gate_proj, x)) * _apply(self.up_proj, x)
 
 
 class ClampedSwiGLUExpert(nn.Module):
@@ -50,8 +62,14 @@ class ClampedSwiGLUExpert(nn.Module):
         return gate * torch.sigmoid(gate * self.alpha)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)
-        return self.down_proj((up + 1) * self.act_fn(self.gate_proj(x)))
+        return self.down_proj(self._down_input(x, self.gate_proj, self.up_proj))
+
+    def down_input(self, x: torch.Tensor) -> torch.Tensor:
+        """As `ExpertMLP.down_input`."""
+        return self._down_input(x, lambda t: _apply(self.gate_proj, t), lambda t: _apply(self.up_proj, t))
+
+    def _down_input(self, x: torch.Tensor, gate, up) -> torch.Tensor:
+        return (up(x).clamp(min=-self.limit, max=self.limit) + 1) * self.act_fn(gate(x))
 
 
 class LinearExperts(nn.ModuleList):
