@@ -191,12 +191,12 @@ def check_model_support(run: RunConfig, model, spec) -> None:
         raise ConfigError(f"--kv_bits {run.quant.kv_bits}: {reason}; pass --kv_bits 16 for {name}")
 
 
-def describe_run(run: RunConfig, model) -> str:
+def describe_run(run: RunConfig, model, ext: Extensions) -> str:
     q = run.quant
     bits = "" if q is None else f" {q.tag} (kv {q.kv_bits}, router w{q.router_wbits}a{q.router_abits})"
     calib = "" if q is None else f", calibration {run.data.nsamples} x {run.data.seqlen} from " + (
         "EBSS" if run.moequant.ebss else run.data.calib_dataset)
-    if q is not None and not needs_calibration(q, run.duquant, run.gptq, extensions(run)):
+    if q is not None and not needs_calibration(q, run.duquant, run.gptq, ext):
         calib = ", data-free (no calibration)"
     return (f"model {run.model} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
             f"method {run.method}{bits}{calib}, eval {','.join(run.eval.eval_ppl) or 'none'} "
@@ -211,11 +211,11 @@ def model_top_k(spec, config) -> int | None:
     return max(value) if isinstance(value, (list, tuple)) else value
 
 
-def calibration_data(run: RunConfig, model, spec, tokenizer, device, result: dict):
+def calibration_data(run: RunConfig, model, spec, tokenizer, device, ext: Extensions, result: dict):
     """(calibration ids or None, expert-only extra ids or None): EBSS or the named set, then EAQuant's
     balancing; nothing is read when no step of the method uses calibration data."""
     d, mq, ea = run.data, run.moequant, run.eaquant
-    if not needs_calibration(run.quant, run.duquant, run.gptq, extensions(run)):
+    if not needs_calibration(run.quant, run.duquant, run.gptq, ext):
         return None, None
     if mq.ebss:
         calib, result["ebss"] = ebss_calibration(model, spec, tokenizer, run.model, d.nsamples, d.seqlen,
@@ -238,15 +238,15 @@ def calibration_data(run: RunConfig, model, spec, tokenizer, device, result: dic
     return calib, extra
 
 
-def quantize_step(run: RunConfig, model, spec, tokenizer, device, out_dir: Path, result: dict) -> None:
+def quantize_step(run: RunConfig, model, spec, tokenizer, device, ext: Extensions, out_dir: Path, result: dict) -> None:
     """Calibration data, the layer-wise quantization, and what it reports into `result`."""
     timings = result["timings"]
     t = time.time()
-    calib, extra = calibration_data(run, model, spec, tokenizer, device, result)
+    calib, extra = calibration_data(run, model, spec, tokenizer, device, ext, result)
     timings["calibration_data"] = time.time() - t
     profile_layer = plot_layer(run, model) if run.eval.plots else None
     partial = checkpoint_dir(out_dir, run.fingerprint(), run.output.resume)
-    report = quantize_model(model, spec, calib, run.quant, run.duquant, extensions(run), device=device, seed=run.seed,
+    report = quantize_model(model, spec, calib, run.quant, run.duquant, ext, device=device, seed=run.seed,
                             route_all=run.data.route_all_tokens, expert_extra_ids=extra, gptq=run.gptq,
                             profile_layer=profile_layer, checkpoint_dir=partial)
     if report.resumed_from:
@@ -293,7 +293,8 @@ def quantize_and_evaluate(run: RunConfig, out_dir: Path) -> dict:
     """Load the model, quantize it (unless --method fp), evaluate, write results.json."""
     seed_everything(run.seed)
     run, model, tokenizer, spec, device, timings = load_for_run(run)
-    print(describe_run(run, model))
+    ext = extensions(run)
+    print(describe_run(run, model, ext))
     segments = {name: ppl_segments(name, tokenizer, run.data.seqlen, run.eval.ppl_samples) for name in run.eval.eval_ppl}
     result = {"model": run.model, "method": run.method, "seed": run.seed, "config": asdict(run),
               "ppl": {}, "ppl_fp": {}, "kl_fp": {}, "tasks": {}, "tasks_fp": {}, "timings": timings}
@@ -305,7 +306,7 @@ def quantize_and_evaluate(run: RunConfig, out_dir: Path) -> dict:
         timings.update({f"{k}_fp": v for k, v in times.items()})
     if quantized:
         baseline_step(run, model, spec, tokenizer, segments, fp_states, device, result)
-        quantize_step(run, model, spec, tokenizer, device, out_dir, result)
+        quantize_step(run, model, spec, tokenizer, device, ext, out_dir, result)
         save_step(run, model, tokenizer, result)
     result["ppl"], result["kl_fp"], result["tasks"], times = evaluate(model, spec, tokenizer, segments, run, device,
                                                                       run.method, against=fp_states)
