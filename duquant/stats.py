@@ -96,6 +96,8 @@ class LayerStats:
     # Modules (and the router, as None) whose statistics no longer update: used when extra
     # calibration data is meant for some readers only (EAQuant's expert-balanced calibration).
     frozen: set = field(default_factory=set)
+    # Signed per-channel ranges of the routed experts' down inputs (`expert_down_smooth="outlier_mask"`).
+    ranges: dict = field(default_factory=dict)
 
     def __getitem__(self, module: nn.Module) -> InputStats:
         return self.inputs[module]
