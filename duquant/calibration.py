@@ -15,22 +15,24 @@ from models.experts import route_all_tokens
 from models.spec import LayerView, ModelSpec
 
 from .config import DuQuantConfig
-from .fp_stats import fp_site_absmax
+from .fp_stats import FPLayerStats, fp_site_statistics
 from .layerwise import advance, capture_layer_inputs, observe
-from .stats import LayerStats, collect, hooked_sites, replace_absmax, routed_expert_inputs, take_rotation_rows
+from .outlier_mask import track_ranges
+from .stats import (LayerStats, collect, expert_down_inputs, hooked_sites, replace_absmax, routed_expert_inputs,
+                    take_rotation_rows)
 
 
 @dataclass
 class Calibration:
     """What flows from layer to layer: the calibration inputs, expert-only extra sequences, and
-    (`rotation_data="mean"`) the one mean sequence the rotations are fit on; `fp_absmax` holds the
-    FP model's per-site maxima when smoothing reads them (`smooth_stats="fp"`)."""
+    (`rotation_data="mean"`) the one mean sequence the rotations are fit on; `fp_stats` holds the
+    FP model's per-site statistics when smoothing reads them (`smooth_stats="fp"`)."""
 
     inps: list[torch.Tensor]
     kwargs: dict
     extra: list[torch.Tensor]
     rot: list[torch.Tensor]
-    fp_absmax: list[dict[str, torch.Tensor]] | None = None
+    fp_stats: list[FPLayerStats] | None = None
 
 
 def mean_sequence(inps: list[torch.Tensor]) -> torch.Tensor:
@@ -41,13 +43,14 @@ def mean_sequence(inps: list[torch.Tensor]) -> torch.Tensor:
 
 def calibration(model, spec: ModelSpec, calib_ids: torch.Tensor, extra_ids: torch.Tensor | None,
                 cfg: DuQuantConfig, device: torch.device, route_all: bool) -> Calibration:
-    fp_absmax = None
+    fp_stats = None
     if cfg.smooth and cfg.smooth_stats == "fp":  # before capturing, so one copy of the activations exists at a time
-        fp_absmax = fp_site_absmax(model, spec, calib_ids, extra_ids, device, route_all)
+        fp_stats = fp_site_statistics(model, spec, calib_ids, extra_ids, device, route_all,
+                                      down_ranges=cfg.expert_down_smooth == "outlier_mask")
     inps, kwargs = capture_layer_inputs(model, spec, calib_ids, device, batch_size=1)
     extra = capture_layer_inputs(model, spec, extra_ids, device, 1)[0] if extra_ids is not None else []
     rot = [mean_sequence(inps)] if cfg.rotation_data == "mean" and cfg.fits_rotations else []
-    return Calibration(inps, kwargs, extra, rot, fp_absmax)
+    return Calibration(inps, kwargs, extra, rot, fp_stats)
 
 
 def rotation_sequence(data: Calibration, cfg: DuQuantConfig) -> list[torch.Tensor]:
@@ -67,16 +70,19 @@ def layer_statistics(model, spec: ModelSpec, layer: nn.Module, view: LayerView, 
     def routing():
         return route_all_tokens(model, spec, enabled=route_all and view.is_moe, layer=view.index)
 
+    downs = expert_down_inputs(view) if cfg.expert_down_smooth == "outlier_mask" else []
     with collect(hooked_sites(view), view.router, view.num_experts, cfg.rotation_tokens, seed, view.routing) as stats, \
-            routing():
+            track_ranges(downs) as ranges, routing():
         observe(layer, data.inps, data.kwargs)
         if data.extra and view.is_moe:
             stats.frozen = {m for m in stats.inputs if m not in routed_expert_inputs(view)} | {None}
             observe(layer, data.extra, data.kwargs)
+    stats.ranges = ranges
     if data.extra and view.is_moe:
         info["expert_tokens_balanced"] = [stats[e.gate_proj].count for e in view.experts]
-    if data.fp_absmax is not None:
-        replace_absmax(stats, layer, data.fp_absmax[view.index])
+    if data.fp_stats is not None:
+        fp = data.fp_stats[view.index]
+        replace_absmax(stats, layer, fp.absmax, fp.ranges)
     rot = rotation_sequence(data, cfg)
     if rot:
         with collect(hooked_sites(view), None, 0, rot[0].shape[1], seed) as rows, routing():

@@ -28,6 +28,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "weight_range": ("with_zero", "minmax"),
     "qk_clip": ("none", "lac"),
     "mse_grid": ("coarse", "official"),
+    "expert_down_smooth": ("alpha", "outlier_mask"),
 }
 
 
@@ -124,6 +125,7 @@ class DuQuantConfig:
     rotation_seed: str = "fixed"  # one spreading matrix per layer, or a new one per rotation fit
     rotation_stop: str = "absmax"  # greedy search keeps the prefix with the least max |x|, or max - min
     spreading: str = "uniform"  # spreading matrix: first row 1/sqrt(b), or the published code's matrix
+    expert_down_smooth: str = "alpha"  # routed experts' down-in: DuQuant's smoothing, or the published EAQuant outlier mask
 
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:

@@ -26,6 +26,7 @@ from .qlinear import QLinear, SiteInput
 from .quantizer import ActQuantizer, QuantizedWeight, WeightQuantizer
 from .smoothing import (fold_into_norm, fold_into_up, fold_into_v, foldable_into_v, site_smoothing,
                         smoothing_readers)
+from .outlier_mask import outlier_mask
 from .stats import LayerStats
 from .transforms import Compose, Smooth, fit_rotations
 
@@ -159,11 +160,21 @@ class LayerQuantizer:
 
 # ---- step 1: smoothing, one rule per fold kind (models/sites.py) ----
 
-def _smooth_online(site: Site, st, cfg: DuQuantConfig) -> SiteFit:
+def _smoothing_vector(site: Site, st, stats: LayerStats, cfg: DuQuantConfig) -> torch.Tensor:
+    """DuQuant's smoothing of a site; a routed expert's down-in under `expert_down_smooth="outlier_mask"`
+    scales its outlier channels only (duquant/outlier_mask.py; an expert no calibration token reached
+    keeps 1, as in the published code)."""
+    if site.expert is not None and cfg.expert_down_smooth == "outlier_mask":
+        r = stats.ranges.get(site.hook)
+        return torch.ones(site.hook.weight.shape[1]) if r is None or r.high is None else outlier_mask(r)
+    return site_smoothing(st.absmax, smoothing_readers(cfg, site.readers, site.smooth_reader), cfg)
+
+
+def _smooth_online(site: Site, st, stats: LayerStats, cfg: DuQuantConfig) -> SiteFit:
     """Smoothing that cannot be folded joins the online transform."""
     if not cfg.smooth:
         return SiteFit(site, st.sample)
-    sm = Smooth(site_smoothing(st.absmax, smoothing_readers(cfg, site.readers, site.smooth_reader), cfg))
+    sm = Smooth(_smoothing_vector(site, st, stats, cfg))
     return SiteFit(site, sm.act(st.sample), online=sm)
 
 
@@ -190,7 +201,7 @@ def _smooth_value(site: Site, view: LayerView, stats: LayerStats, cfg: DuQuantCo
     st = stats[site.hook]
     fold = cfg.o_smooth != "online" and foldable_into_v(view)
     if not (cfg.smooth and fold):
-        return SiteFit(site, st.sample) if cfg.o_smooth == "fold_v_or_none" else _smooth_online(site, st, cfg)
+        return SiteFit(site, st.sample) if cfg.o_smooth == "fold_v_or_none" else _smooth_online(site, st, stats, cfg)
     s = site_smoothing(st.absmax, site.readers, cfg)
     fold_into_v(site.target, view.attn_out, s)
     return SiteFit(site, st.sample / s)
@@ -213,7 +224,7 @@ def _smooth_up_rows(site: Site, stats: LayerStats, cfg: DuQuantConfig, moe: list
     st = expert_down_stats(site, moe, stats[site.hook])
     x = st.take()
     if cfg.smooth:
-        s = site_smoothing(st.absmax, site.readers, cfg)
+        s = _smoothing_vector(site, st, stats, cfg)
         fold_into_up(site.mlp, s)
         x = x / s
     return SiteFit(site, x)
@@ -242,7 +253,7 @@ def smooth_sites(view: LayerView, sites: list[Site], stats: LayerStats, lq: Laye
         elif site.fold == "moe_in":
             fit = _smooth_expert_in(site, stats, lq.cfg, moe)
         else:
-            fit = _smooth_online(site, expert_down_stats(site, moe, stats[site.hook]), lq.cfg)
+            fit = _smooth_online(site, expert_down_stats(site, moe, stats[site.hook]), stats, lq.cfg)
         fit.raw = raw
         fits.append(fit)
     return fits, moe

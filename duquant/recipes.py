@@ -40,6 +40,7 @@ OFFICIAL_EAQUANT = {
     "w_clip": "mse",
     "mse_grid": "official",
     "expert_act": "routed",
+    "expert_down_smooth": "outlier_mask",
     "smooth_aggregate_router": False,
     "align_rule": "official",
 }

@@ -138,6 +138,11 @@ def routed_expert_inputs(view: LayerView) -> set[nn.Module]:
     return {site.hook for site in layer_sites(view) if site.expert is not None}
 
 
+def expert_down_inputs(view: LayerView) -> list[nn.Module]:
+    """The routed experts' down_proj modules (their down-in sites' hooks)."""
+    return [site.hook for site in layer_sites(view) if site.expert is not None and site.fold in ("up_rows", "online")]
+
+
 def take_rotation_rows(stats: LayerStats, rows: LayerStats) -> None:
     """Rotations are fit on `rows`' samples (their token counts decide expert fallbacks), while
     smoothing keeps reading `stats`' maxima."""
@@ -145,10 +150,15 @@ def take_rotation_rows(stats: LayerStats, rows: LayerStats) -> None:
         st.sample, st.count = rows[m].sample, rows[m].count
 
 
-def replace_absmax(stats: LayerStats, layer: nn.Module, absmax: dict[str, torch.Tensor]) -> None:
+def replace_absmax(stats: LayerStats, layer: nn.Module, absmax: dict[str, torch.Tensor],
+                   ranges: dict | None = None) -> None:
     """Smoothing reads another pass's per-channel maxima (the FP model's, keyed by module path in
-    `layer`); a module that pass never reached (an expert no FP token was routed to) keeps its own."""
+    `layer`); a module that pass never reached (an expert no FP token was routed to) keeps its own.
+    Its down-in channel ranges, where given, replace this pass's the same way."""
     names = {m: n for n, m in layer.named_modules()}
     for m, st in stats.inputs.items():
         if absmax.get(names[m]) is not None:
             st.absmax = absmax[names[m]]
+    for m in stats.ranges:
+        if ranges and ranges.get(names[m]) is not None and ranges[names[m]].high is not None:
+            stats.ranges[m] = ranges[names[m]]

@@ -10,10 +10,11 @@ from eaquant_ext.cli import parse_args
 from duquant import packed
 from duquant.config import CHOICES, QUANT_CHOICES, DuQuantConfig, QuantConfig
 from duquant.kvquant import KVQuant
-from duquant.fp_stats import fp_site_absmax
+from duquant.fp_stats import fp_site_statistics
 from duquant.calibration import mean_sequence
 from duquant.pipeline import quantize_model
 from duquant.quantizer import WeightQuantizer, fake_quant, quant_params
+from duquant.outlier_mask import outlier_mask as fitting_mask
 from duquant.recipes import RECIPES
 from duquant.stats import collect, hooked_sites
 from duquant.transforms import Smooth, _givens_chain, _greedy_rotation, _spreading_matrix, fit_rotations
@@ -83,7 +84,7 @@ def test_fp_statistics_are_the_unquantized_models_input_maxima():
     model, tok = outlier_model("qwen2_moe")
     spec = get_spec(model)
     calib, _ = tiny_data(tok)
-    maxima = fp_site_absmax(model, spec, calib, None, "cpu")
+    maxima = [layer.absmax for layer in fp_site_statistics(model, spec, calib, None, "cpu")]
     unfuse_experts(model, spec)
     layers = decoder_layers(model, spec)
     views = [resolve(spec, layer, model.config, i) for i, layer in enumerate(layers)]
@@ -128,7 +129,8 @@ def test_official_eaquant_recipe_at_16_bits_leaves_logits_unchanged():
     model, tok = outlier_model("qwen2_moe")
     run = main.build_config(["--recipe", "eaquant,official", "--max_rotation_step", "16", "--block_size", "32"])
     cfg = official(**{k: getattr(run.duquant, k) for k in ("smooth_weight", "smooth_scale_floor", "o_smooth",
-                                                            "rotation_data", "propagation")})
+                                                            "rotation_data", "propagation", "expert_down_smooth")})
+    assert cfg.expert_down_smooth == "outlier_mask"
     calib, x = tiny_data(tok)
     with torch.no_grad():
         ref = model(x).logits
@@ -250,3 +252,52 @@ def test_recipe_fills_unset_options_and_explicit_options_win():
             assert all(getattr(parsed, k) == v for k, v in eaquant.items())
     eaquant = parse_args(["--recipe", "official", "--eaquant"])[0]
     assert eaquant.propagation == "fp" and eaquant.align_rule == "official" and eaquant.smooth_weight == "all_readers"
+
+
+def test_outlier_mask_scales_only_the_outlier_channels():
+    """Two high candidates beyond Tukey's fence: the Otsu split keeps the lesser one ordinary (it sets
+    the reference maximum); one low candidate: the fence alone decides."""
+    from duquant.outlier_mask import ChannelRange, outlier_mask
+    high = 1 + 0.1 * torch.rand(64, generator=gen(3))
+    low = -1 - 0.1 * torch.rand(64, generator=gen(4))
+    high[[5, 9]], low[20] = torch.tensor([30.0, 12.0]), -40.0
+    s = outlier_mask(ChannelRange(high, low))
+    ordinary = torch.ones(64, dtype=torch.bool)
+    ordinary[[5, 20]] = False
+    assert torch.equal(s[ordinary], torch.ones(62))
+    assert torch.allclose(s[5], torch.tensor(30.0 / 12.0) ** 0.7)
+    assert torch.allclose(s[20], (40.0 / -low[ordinary].min()) ** 0.7)
+
+
+def test_otsu_split_separates_at_the_widest_gap():
+    from duquant.outlier_mask import otsu_split
+    assert otsu_split(torch.tensor([10.0, 9.5, 9.0, 3.0, 2.9]), high_side=True) == 3.0
+    assert otsu_split(torch.tensor([-2.0, -2.5, -8.0, -8.5]), high_side=False) == -2.5
+
+
+def test_channel_range_is_a_running_average_over_sequences():
+    from duquant.outlier_mask import ChannelRange
+    r = ChannelRange()
+    r.update(torch.tensor([[1.0, -1.0], [2.0, 0.0]]))
+    r.update(torch.tensor([[12.0, -11.0]]))
+    assert torch.allclose(r.high, torch.tensor([0.9 * 2 + 0.1 * 12, 0.9 * 0 + 0.1 * -11]))
+    assert torch.allclose(r.low, torch.tensor([0.9 * 1 + 0.1 * 12, 0.9 * -1 + 0.1 * -11]))
+
+
+def test_outlier_mask_down_smoothing_runs_and_changes_the_quantized_model(monkeypatch):
+    """Exactness in FP is test_each_fidelity_choice_alone_is_exact; here: at W4A4 every routed expert
+    that saw tokens gets its mask from its own down-in range, and the option changes the result."""
+    from duquant import fitting
+    masked = []
+    monkeypatch.setattr(fitting, "outlier_mask", lambda r: masked.append(r) or fitting_mask(r))
+    out = {}
+    for rule in ("alpha", "outlier_mask"):
+        model, tok = outlier_model("olmoe")
+        calib, x = tiny_data(tok)
+        cfg = DuQuantConfig(block_size=32, max_rotation_step=16, expert_down_smooth=rule)
+        quantize_model(model, get_spec(model), calib, QuantConfig(4, 4), cfg, seed=0)
+        with torch.no_grad():
+            out[rule] = model(x).logits
+    assert len(masked) >= 2 * 4 and all(r.high is not None for r in masked)  # 2 layers x most of 8 experts
+    assert torch.isfinite(out["outlier_mask"]).all()
+    assert not torch.allclose(out["alpha"], out["outlier_mask"])
