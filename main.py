@@ -166,7 +166,7 @@ def load_for_run(run: RunConfig) -> tuple:
     spec = get_spec(model)
     timings = {"load": time.time() - t}
     if run.output.export is not None and run.quant is not None:
-        export.check_model(model, spec, run.quant.wbits, run.quant.w_sym)
+        export.check_model(model, spec, run.quant.wbits, run.quant.w_sym, run.duquant)
     max_pos = getattr(model.config, "max_position_embeddings", run.data.seqlen)
     if run.data.seqlen > max_pos:
         print(f"notice: --seqlen {run.data.seqlen} exceeds the model's {max_pos} positions; using {max_pos}")

@@ -218,16 +218,17 @@ def test_default_w4a4_rtn_export_lists_exactly_what_it_drops(tmp_path):
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_smoothing_folded_into_v_proj_exports_where_attention_has_one_value_head_per_query_head(kv_heads, tmp_path):
     """SmoothQuant-style DuQuant (no rotations) folds every smoothing into a norm, up_proj or v_proj on
-    multi-head attention, so it exports; with grouped-query attention o_proj's stays online: refused."""
+    multi-head attention, so it exports as a plain compressed-tensors checkpoint; with grouped-query
+    attention o_proj's stays online, so it exports with the online modeling file (tests/test_export_transforms.py)."""
     model, tok = tiny_model("llama", num_key_value_heads=kv_heads)
     calib, x = tiny_data(tok)
     smooth_only = DuQuantConfig(rotate=False, permute=False, o_smooth="fold_v")
     quantize_model(model, get_spec(model), calib, QuantConfig(8, 8, **EXACT), smooth_only, seed=0)
+    info = export.export_compressed_tensors(model, tok, tmp_path / "ct", {})
+    assert info["online"] == (kv_heads == 2)
     if kv_heads == 2:
-        with pytest.raises(export.ExportError, match="o_proj: transformers applies no compressed-tensors transforms"):
-            export.export_compressed_tensors(model, tok, tmp_path / "ct", {})
         return
-    info, loaded = _export_and_load(model, tok, tmp_path / "ct")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()
     flips, total = _code_flips(model, loaded, x)
     assert info["lost"] == [] and total > 0 and flips <= 1e-4 * total
     out, expected = _logits(loaded, x), _logits(model, x)
@@ -235,8 +236,8 @@ def test_smoothing_folded_into_v_proj_exports_where_attention_has_one_value_head
 
 
 def test_refusals_name_the_problem_and_write_nothing(tmp_path):
-    duq, tok, _ = _quantized("llama", QuantConfig(4, 4, **EXACT), cfg=DuQuantConfig(block_size=32, max_rotation_step=4))
-    with pytest.raises(export.ExportError, match="no compressed-tensors transforms"):
+    duq, tok, _ = _quantized("deepseek", QuantConfig(4, 4, **EXACT), cfg=DuQuantConfig(block_size=32, max_rotation_step=4))
+    with pytest.raises(export.ExportError, match="DeepseekMoeForCausalLM is not a transformers class"):
         export.export_compressed_tensors(duq, tok, tmp_path / "a", {})
     grouped, _, _ = _quantized("llama", QuantConfig(4, 16, **EXACT), gptq=GPTQConfig(act_order=True, group_size=16,
                                                                                        min_tokens=1))
@@ -295,9 +296,9 @@ def test_streamed_model_exports_the_same_checkpoint(tmp_path):
 
 def test_cli_refuses_an_inexpressible_export_before_quantizing(tmp_path, capsys):
     out = tmp_path / "results"
-    assert main.main([*CLI, "--method", "duquant", "--output_dir", str(out),
+    assert main.main([*CLI, "--model", "tiny-deepseek", "--method", "duquant", "--output_dir", str(out),
                       "--export", "compressed-tensors", str(tmp_path / "ct")]) == 2
-    assert "error: transformers applies no compressed-tensors transforms" in capsys.readouterr().err
+    assert "error: DeepseekMoeForCausalLM is not a transformers class" in capsys.readouterr().err
     assert main.main([*CLI, "--method", "rtn", "--export", "gguf", str(tmp_path / "ct")]) == 2
     assert "error: --export format 'gguf' is unknown" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

@@ -11,7 +11,9 @@
 `export_losses` lists what a model's export cannot keep: compressed-tensors cannot quantize the inputs
 of modules that are not nn.Linear once transformers builds the model (routers, fused experts), has
 no activation clip ratio, and transformers applies no transforms when loading (so KV quantization with
-its Hadamard, and DuQuant's online transforms, which are refused, cannot be expressed).
+its Hadamard cannot be expressed). A model with DuQuant's online transforms is written with a modeling
+file of our own that applies them and every input quantizer at load time (export/online.py); its
+config groups are weight-only and it loses none of these.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from models.files import write_dir_atomically
 from models.spec import ModelSpec, decoder_layers
 
 from ..packed import model_state
-from .errors import ACT_ORDER_REFUSED, TRANSFORMS_REFUSED, ExportError
+from . import online as online_parts
+from .errors import ACT_ORDER_REFUSED, ExportError
 from .grids import Linear, Plan, Scheme, check_fused_experts, decoded_weight, grid_tensors, packed_tensors, plan, read_linears
 from .names import KeyNames, expert_targets, load_time_linears, name_targets
 
@@ -36,8 +39,9 @@ INFO = "duquant_export.json"
 WEIGHTS = "model.safetensors"
 
 
-def export_losses(linears: list[Linear], p: Plan, meta: dict, model_type: str) -> list[str]:
-    """One line per part of the fake-quantized model that the exported checkpoint does not reproduce."""
+def export_losses(linears: list[Linear], p: Plan, kv: dict, model_type: str) -> list[str]:
+    """One line per part of the fake-quantized model that the exported checkpoint does not reproduce
+    (`kv`: the KV-cache quantizers compressed-tensors would have to keep)."""
     lost = []
     fused = [lin for lin in linears if lin.fused_expert and lin.act_bits < 16]
     if fused:
@@ -61,8 +65,8 @@ def export_losses(linears: list[Linear], p: Plan, meta: dict, model_type: str) -
     if any(a["sym"] for a in acts):
         lost.append("the symmetric activation grid: compressed-tensors divides max |x| by 2^(b-1), "
                     "the toolkit by 2^(b-1) - 1")
-    if meta["kv"]:
-        bits = sorted({e["bits"] for e in meta["kv"].values()})
+    if kv:
+        bits = sorted({e["bits"] for e in kv.values()})
         lost.append(f"KV-cache quantization ({'/'.join(map(str, bits))}-bit Q, K, V with a per-head Hadamard on Q "
                     "and K): transformers applies no compressed-tensors transform, so attention runs in full precision")
     return lost
@@ -134,20 +138,26 @@ def check_request(fmt: str, out: Path) -> None:
     check_export_dir(out)
 
 
+def transforms_online(cfg) -> bool:
+    """Whether a run with DuQuantConfig `cfg` leaves transforms online on every model (o_proj
+    smoothing folded into v_proj stays online on grouped-query attention only, known after quantizing)."""
+    return cfg is not None and (cfg.rotate or cfg.permute or (cfg.smooth and cfg.o_smooth == "online"))
+
+
 def check_configs(quantizes: bool, cfg, gptq) -> None:
     """Refuse before quantizing what `export_compressed_tensors` would refuse after it (`cfg` a
-    DuQuantConfig, `gptq` a GPTQConfig or None); o_proj smoothing folded into v_proj passes here,
-    and is refused after quantizing where the model's shapes left it online."""
+    DuQuantConfig, `gptq` a GPTQConfig or None)."""
     if not quantizes:
         raise ExportError("--export writes a quantized model; --method fp has none (the checkpoint is the FP model)")
-    if cfg.rotate or cfg.permute or (cfg.smooth and cfg.o_smooth == "online"):
-        raise ExportError(TRANSFORMS_REFUSED)
     if gptq is not None and gptq.act_order and gptq.group_size is not None:
         raise ExportError(ACT_ORDER_REFUSED)
 
 
-def check_model(model: nn.Module, spec: ModelSpec, wbits: int, w_sym: bool) -> None:
-    """Refuse, once the (still fused) model is loaded, expert grids `check_fused_experts` would refuse."""
+def check_model(model: nn.Module, spec: ModelSpec, wbits: int, w_sym: bool, cfg=None) -> None:
+    """Refuse, once the (still fused) model is loaded, expert grids `check_fused_experts` would refuse,
+    and families the online-transform modeling file does not cover when `cfg` leaves transforms online."""
+    if transforms_online(cfg):
+        online_parts.check_family(model, spec)
     layers = decoder_layers(model, spec)
     fused = any(hasattr(layers.get_submodule(p), "gate_up_proj") for p in moe_layer_paths(model, spec))
     if fused and wbits == 8 and not w_sym:
@@ -169,23 +179,30 @@ def export_compressed_tensors(model: nn.Module, tokenizer, out_dir: str | Path, 
     spec = get_spec(model)
     tensors, meta = model_state(model, spec)
     names = KeyNames(model, spec)
-    linears = read_linears(model, meta, tensors, names.experts)
+    online = online_parts.needs_online(meta)
+    if online:
+        online_parts.check_family(model, spec)
+    linears = read_linears(model, meta, tensors, names.experts, online)
     if not any(lin.bits < 16 for lin in linears):
         raise ExportError("nothing in the model is quantized; --export writes quantized models (use --method rtn or another)")
     check_fused_experts(linears, model.config.model_type)
     p = plan(linears)
     ckpt = _checkpoint_tensors(tensors, meta, linears, p, names)
     qconfig = quantization_config(model, p, linears, names)
-    lost = export_losses(linears, p, meta, model.config.model_type)
+    parts = online_parts.collect(model, spec, meta) if online else None
+    lost = export_losses(linears, p, {} if online else meta["kv"], model.config.model_type)
     decoded = [lin.name for lin in linears if lin.bits < 16 and lin.name not in p.dense_names | p.expert_names]
-    info = {"format": FORMATS[0], "run": run, "lost": lost, "decoded_linears": decoded}
+    info = {"format": FORMATS[0], "run": run, "lost": lost, "decoded_linears": decoded,
+            "kept_online": online_parts.kept(parts) if online else []}
 
     def fill(tmp: Path) -> None:
         save_file(ckpt, str(tmp / WEIGHTS), metadata={"format": "pt"})
         _write_config(tmp, model, qconfig, p.dequantize)
+        if online:
+            online_parts.write(tmp, model, parts)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / INFO).write_text(json.dumps(info, indent=1))
 
     write_dir_atomically(out, fill)
-    return {"lost": lost, "decoded_linears": len(decoded), "total_bytes": sum(f.stat().st_size for f in out.iterdir())}
+    return {"lost": lost, "decoded_linears": len(decoded), "online": online, "total_bytes": sum(f.stat().st_size for f in out.iterdir())}

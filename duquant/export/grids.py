@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..packed import unpack_codes
 from ..quantizer import QuantizedWeight
-from .errors import ACT_ORDER_REFUSED, TRANSFORMS_REFUSED, ExportError
+from .errors import ACT_ORDER_REFUSED, ExportError
 
 
 @dataclass(frozen=True)
@@ -90,16 +90,20 @@ class Linear:
     fused_expert: bool
 
 
-def read_linears(model: nn.Module, meta: dict, tensors: dict, experts: dict[str, str]) -> list[Linear]:
+WEIGHT_ONLY = {"bits": 16, "sym": False, "clip": 1.0, "with_zero": True}
+
+
+def read_linears(model: nn.Module, meta: dict, tensors: dict, experts: dict[str, str], online: bool) -> list[Linear]:
+    """`online`: the exported modeling file quantizes every input (export/online.py), so the
+    checkpoint's config groups are weight-only."""
     out = []
     for name, e in meta["linears"].items():
-        if "transform" in e:
-            raise ExportError(f"{name}: {TRANSFORMS_REFUSED}")
         fused = name in experts
         quantized = e["bits"] < 16
         is_linear = not fused and isinstance(model.get_submodule(name).inner, nn.Linear)
+        act = WEIGHT_ONLY if online else e["act"]
         out.append(Linear(name, e["bits"], e["sym"], _group_size(name, e, tensors) if quantized else None,
-                          e["act"]["bits"], e["act"], e["shape"], is_linear, fused))
+                          act["bits"], act, e["shape"], is_linear, fused))
     return out
 
 

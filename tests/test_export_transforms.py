@@ -1,0 +1,131 @@
+"""DuQuant / EAQuant exports (online transforms): transformers with the exported modeling file
+(`trust_remote_code=True`) gives the in-memory fake-quantized model's logits bit for bit, router
+W8A8, 4-bit KV cache and activation clip ratio included; without the online parts it does not."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import main
+from duquant import export
+from duquant.config import DuQuantConfig, QuantConfig
+from duquant.export import online
+from duquant.packed import load_quantized, save_quantized
+from duquant.pipeline import quantize_model
+from models import get_spec
+from models.tiny import tiny_model
+
+from .helpers import outlier_model, tiny_data
+
+# Small rotation blocks keep the tiny fits fast; 20 leaves a tail block and makes the site transforms
+# cheaper as steps than as one matrix (duquant/transforms.py act_matrix), 32 gives dense matrices.
+DUQUANT = DuQuantConfig(block_size=32, max_rotation_step=4)
+STEPS = DuQuantConfig(block_size=20, max_rotation_step=4)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Both sides must sum in the same order for equal bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _quantized(arch, cfg=DUQUANT, dtype=torch.float32, **model_args):
+    model, tok = outlier_model(arch, dtype) if not model_args else tiny_model(arch, **model_args)
+    calib, x = tiny_data(tok)
+    quantize_model(model, get_spec(model), calib, QuantConfig(4, 4), cfg, seed=0)
+    return model, tok, x
+
+
+def _load(path):
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def _without_online_parts(loaded):
+    """The loaded model as plain transformers runs it: no pre-hooks, transformers' own expert
+    forward, plain SDPA."""
+    for m in loaded.modules():
+        m._forward_pre_hooks.clear()
+        m.__dict__.pop("forward", None)
+    loaded.set_attn_implementation("sdpa")
+    return loaded
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "llama"])
+def test_duquant_w4a4_export_reproduces_the_logits_bit_for_bit(arch, tmp_path):
+    """Default W4A4: rotations and permutation at every site, router W8A8, 4-bit KV, clip 0.9."""
+    model, tok, x = _quantized(arch)
+    info = export.export_compressed_tensors(model, tok, tmp_path / "ct", {})
+    assert info["online"] and info["lost"] == []
+    loaded = _load(tmp_path / "ct")
+    expected = _logits(model, x)
+    assert torch.equal(_logits(loaded, x), expected)
+    # Control: the same checkpoint without the modeling file's online parts is another model.
+    assert (_logits(_without_online_parts(loaded), x) - expected).abs().max() > 0.05 * expected.abs().max()
+
+
+@pytest.mark.parametrize("arch, cfg, model_args", [
+    ("llama", STEPS, {}),
+    ("qwen2_moe", STEPS, {}),
+    # SmoothQuant-style: with grouped-query attention o_proj's smoothing stays online (a scale alone).
+    ("llama", DuQuantConfig(rotate=False, permute=False, o_smooth="fold_v"), {"num_key_value_heads": 2}),
+])
+def test_transforms_applied_as_steps_reproduce_the_logits_bit_for_bit(arch, cfg, model_args, tmp_path):
+    model, tok, x = _quantized(arch, cfg, **model_args)
+    export.export_compressed_tensors(model, tok, tmp_path / "ct", {})
+    kinds = {k for steps in json.loads((tmp_path / "ct" / "config.json").read_text())["duquant_online"]["sites"].values()
+             for k in steps}
+    assert kinds == {"smooth"} if not cfg.rotate else {"smooth", "rotation", "permutation"} <= kinds
+    assert torch.equal(_logits(_load(tmp_path / "ct"), x), _logits(model, x))
+
+
+def test_bfloat16_duquant_export_reproduces_the_logits_bit_for_bit(tmp_path):
+    """The modeling file casts the decompressed fused experts (float32 in transformers 5.23) to the model dtype."""
+    model, tok, x = _quantized("olmoe", dtype=torch.bfloat16)
+    export.export_compressed_tensors(model, tok, tmp_path / "ct", {})
+    loaded = _load(tmp_path / "ct")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert torch.equal(_logits(loaded, x), _logits(model, x))
+
+
+def test_loading_without_trust_remote_code_is_refused(tmp_path):
+    model, tok, _ = _quantized("llama")
+    export.export_compressed_tensors(model, tok, tmp_path / "ct", {})
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ct", trust_remote_code=False)
+
+
+def test_export_of_a_saved_duquant_model_equals_the_export_after_quantizing(tmp_path):
+    model, tok, _ = _quantized("mixtral")
+    export.export_compressed_tensors(model, tok, tmp_path / "direct", {})
+    save_quantized(model, tok, tmp_path / "saved", {})
+    loaded, tok2, _ = load_quantized(tmp_path / "saved")
+    export.export_compressed_tensors(loaded, tok2, tmp_path / "via_load", {})
+    for name in ("model.safetensors", online.TENSORS, online.MODELING, "config.json"):
+        assert (tmp_path / "direct" / name).read_bytes() == (tmp_path / "via_load" / name).read_bytes(), name
+
+
+CLI = ["--model", "tiny-mixtral", "--nsamples", "2", "--seqlen", "64", "--eval_ppl", "", "--no-compare_fp",
+       "--block_size", "32", "--max_rotation_step", "4"]
+
+
+def test_cli_eaquant_w3a4_export_reproduces_the_saved_model_bit_for_bit(tmp_path, capsys):
+    """EAQuant (router alignment, expert-aware smoothing, balanced calibration) at W3A4 through the CLI:
+    the export gives the logits of the model saved by the same run."""
+    assert main.main([*CLI, "--recipe", "eaquant", "--wbits", "3", "--abits", "4", "--output_dir", str(tmp_path / "r"),
+                      "--save_dir", str(tmp_path / "saved"), "--export", "compressed-tensors", str(tmp_path / "ct")]) == 0
+    assert "warning:" not in capsys.readouterr().out
+    exported = json.loads((tmp_path / "r" / "results.json").read_text())["exported"]
+    assert exported["online"] and exported["lost"] == []
+    assert json.loads((tmp_path / "ct" / export.INFO).read_text())["kept_online"]
+    saved, tok, _ = load_quantized(tmp_path / "saved")
+    x = tiny_data(tok)[1]
+    assert torch.equal(_logits(_load(tmp_path / "ct"), x), _logits(saved, x))
