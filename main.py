@@ -225,7 +225,7 @@ def calibration_data(run: RunConfig, model, spec, tokenizer, device, ext: Extens
               f"{e['balance_std']:.4f}, mean NLL {e['mean_nll']:.3f}")
     else:
         calib = calibration_segments(d.calib_dataset, tokenizer, d.nsamples, d.seqlen, run.seed)
-    if not ea.calib_balance:
+    if not ea.extra_sequences:
         return calib, None
     cap = d.nsamples if ea.balance_max_extra is None else ea.balance_max_extra
     pool = calibration_segments(ea.balance_dataset, tokenizer, 2 * cap, d.seqlen, run.seed + 1)
@@ -248,7 +248,7 @@ def quantize_step(run: RunConfig, model, spec, tokenizer, device, ext: Extension
     partial = checkpoint_dir(out_dir, run.fingerprint(), run.output.resume)
     report = quantize_model(model, spec, calib, run.quant, run.duquant, ext, device=device, seed=run.seed,
                             route_all=run.data.route_all_tokens, expert_extra_ids=extra, gptq=run.gptq,
-                            profile_layer=profile_layer, checkpoint_dir=partial)
+                            profile_layer=profile_layer, checkpoint_dir=partial, expert_fill_ratio=run.eaquant.fill_ratio)
     if report.resumed_from:
         print(f"resumed: layers 0..{report.resumed_from - 1} restored from {partial}")
         result["resumed_from_layer"] = report.resumed_from

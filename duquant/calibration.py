@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from models.experts import route_all_tokens
+from models.sites import layer_sites
 from models.spec import LayerView, ModelSpec
 
 from .config import DuQuantConfig
@@ -61,10 +62,39 @@ def rotation_sequence(data: Calibration, cfg: DuQuantConfig) -> list[torch.Tenso
     return data.rot
 
 
+def fill_expert_rows(layer: nn.Module, view: LayerView, stats: LayerStats, seqs: list[torch.Tensor], kwargs: dict,
+                     budget: int) -> None:
+    """The published EAQuant code's calibration balance: each routed expert's rotation rows are its own
+    rows so far, then the rows `seqs` route to it, in order, up to `budget` rows (its input and its
+    down-in sites alike: both see the expert's tokens in the same order)."""
+    hooks = [site.hook for site in layer_sites(view) if site.expert is not None]
+    kept = {m: [] if stats[m].sample is None else [stats[m].sample] for m in hooks}
+    count = {m: sum(r.shape[0] for r in kept[m]) for m in hooks}
+
+    def take(module, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1])[: max(budget - count[module], 0)]
+        if x.shape[0]:
+            kept[module].append(x.to("cpu", torch.promote_types(x.dtype, torch.float32)))
+            count[module] += x.shape[0]
+
+    handles = [m.register_forward_pre_hook(take) for m in hooks]
+    try:
+        observe(layer, seqs, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    for m in hooks:
+        if kept[m]:
+            stats[m].sample = torch.cat(kept[m])[:budget]
+            stats[m].count = stats[m].sample.shape[0]
+
+
 def layer_statistics(model, spec: ModelSpec, layer: nn.Module, view: LayerView, data: Calibration,
-                     cfg: DuQuantConfig, seed: int, route_all: bool) -> tuple[LayerStats, dict]:
+                     cfg: DuQuantConfig, seed: int, route_all: bool,
+                     fill: tuple[list[torch.Tensor], int] | None = None) -> tuple[LayerStats, dict]:
     """Hooked FP pass of one layer over the calibration inputs (and the expert-only extra data);
-    then the maxima and rotation rows are swapped in from the FP model / mean sequence if asked."""
+    then the maxima and rotation rows are swapped in from the FP model / mean sequence if asked, and
+    with `fill` = (sequences, budget) the experts' rotation rows are topped up (`fill_expert_rows`)."""
     info: dict = {}
 
     def routing():
@@ -88,6 +118,9 @@ def layer_statistics(model, spec: ModelSpec, layer: nn.Module, view: LayerView, 
         with collect(hooked_sites(view), None, 0, rot[0].shape[1], seed) as rows, routing():
             observe(layer, rot, data.kwargs)
         take_rotation_rows(stats, rows)
+    if fill is not None and view.is_moe:
+        with routing():
+            fill_expert_rows(layer, view, stats, fill[0], data.kwargs, fill[1])
     return stats, info
 
 

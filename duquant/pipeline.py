@@ -122,6 +122,7 @@ class LayerJob:
     seed: int
     route_all: bool
     profile_layer: int | None
+    expert_fill_ratio: float = 0.0
 
     def routing_all(self, view: LayerView):
         return route_all_tokens(self.model, self.spec, enabled=self.route_all and view.is_moe, layer=view.index)
@@ -146,12 +147,23 @@ def quantize_data_free(job: LayerJob, view: LayerView) -> dict:
     return {"layer": view.index, "moe": view.is_moe, **info}
 
 
+def expert_fill(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibration, fp_next) -> tuple | None:
+    """(sequences, budget) that top up the routed experts' rotation rows under the published EAQuant
+    calibration balance: this layer's FP outputs (what that code's shared-storage copy of its inputs
+    holds by then), up to int(k / n x seqlen x r) rows per expert."""
+    if not (job.expert_fill_ratio and view.is_moe):
+        return None
+    seqs = fp_next[0] if fp_next is not None else advance(layer, [x.clone() for x in data.inps], data.kwargs)
+    return seqs, int(view.top_k / view.num_experts * data.inps[0].shape[1] * job.expert_fill_ratio)
+
+
 def observe_layer(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibration,
-                  lq: LayerQuantizer) -> tuple[LayerStats | None, dict]:
+                  lq: LayerQuantizer, fp_next=None) -> tuple[LayerStats | None, dict]:
     """Step 1: statistics, only when some quantized site fits a transform (or the router is aligned)."""
     if not (needs_statistics(job.cfg, job.ext) and any(lq.quantizes(view, s) for s in layer_sites(view))):
         return None, {}
-    return layer_statistics(job.model, job.spec, layer, view, data, job.cfg, job.seed + view.index, job.route_all)
+    return layer_statistics(job.model, job.spec, layer, view, data, job.cfg, job.seed + view.index, job.route_all,
+                            expert_fill(job, layer, view, data, fp_next))
 
 
 def gptq_step(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibration, lq: LayerQuantizer) -> dict:
@@ -197,9 +209,9 @@ def quantize_calibrated(job: LayerJob, layer: nn.Module, view: LayerView, data: 
     info: dict = {"layer": view.index, "moe": view.is_moe}
     lq = job.quantizer(view)
     with clock("statistics"):
-        stats, observed = observe_layer(job, layer, view, data, lq)
-        info.update(observed)
         fp_next = fp_outputs(layer, data, job.cfg)
+        stats, observed = observe_layer(job, layer, view, data, lq, fp_next)
+        info.update(observed)
     with clock("fitting"):
         layer_info, fp_router = quantize_layer(view, stats, lq)
         info.update(layer_info)
@@ -219,7 +231,8 @@ def quantize_calibrated(job: LayerJob, layer: nn.Module, view: LayerView, data: 
 def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor | None, quant: QuantConfig, cfg: DuQuantConfig,
                    ext: Extensions | None = None, device="cpu", seed: int = 0, route_all: bool = False,
                    expert_extra_ids: torch.Tensor | None = None, gptq: GPTQConfig | None = None,
-                   profile_layer: int | None = None, checkpoint_dir: Path | None = None) -> Report:
+                   profile_layer: int | None = None, checkpoint_dir: Path | None = None,
+                   expert_fill_ratio: float = 0.0) -> Report:
     """Quantize `model` in place, one decoder layer at a time on `device`.
 
     `calib_ids` may be None for a data-free run (`needs_calibration` is False).
@@ -228,10 +241,11 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor | None, quant
     `gptq` replaces round-to-nearest of the weights by GPTQ, after the transforms are fitted.
     Layer `profile_layer` reports its sites' per-channel max |x| before and after the transforms.
     With `checkpoint_dir`, every finished layer is checkpointed there and a rerun resumes after
-    the last one (see `duquant.resume`).
+    the last one (see `duquant.resume`). `expert_fill_ratio` r > 0 tops up the routed experts'
+    rotation rows as the published EAQuant code's calibration balance does (`expert_fill`).
     """
     job = LayerJob(model, spec, quant, cfg, ext or Extensions(), gptq, torch.device(device), seed, route_all,
-                   profile_layer)
+                   profile_layer, expert_fill_ratio)
     report = Report()
     clock = Clock(report.timings)
     t0 = time.time()

@@ -41,6 +41,7 @@ OFFICIAL_EAQUANT = {
     "mse_grid": "official",
     "expert_act": "routed",
     "expert_down_smooth": "outlier_mask",
+    "balance_rule": "official",
     "smooth_aggregate_router": False,
     "align_rule": "official",
 }

@@ -26,7 +26,7 @@ from duquant.recipes import (EAQUANT_COMPONENTS, METHOD_RECIPES, MOEQUANT_COMPON
 from duquant.zeroshot import TASKS, check_tasks
 from models import DEFAULT_MODEL
 
-from .config import AGGREGATIONS, ALIGN_RULES, EXPERT_ACTS, EAQuantConfig
+from .config import AGGREGATIONS, ALIGN_RULES, BALANCE_RULES, EXPERT_ACTS, EAQuantConfig
 from .moequant.config import MoEQuantConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -220,6 +220,8 @@ def _components(p: argparse.ArgumentParser, show_all: bool) -> None:
     g.add_argument("--balance_ratio", type=float, default=2.0, help=h("r: threshold r*k*N/n routed tokens"))
     g.add_argument("--balance_dataset", choices=CALIB_DATASETS, default="gutenberg", help=h("source of extra sequences"))
     g.add_argument("--balance_max_extra", type=int, default=None, help=h("cap on added sequences (default nsamples)"))
+    g.add_argument("--balance_rule", choices=BALANCE_RULES, default="paper",
+                   help=h("paper: extra sequences; official: experts' rotation rows topped up from the layer's FP outputs"))
     g = p.add_argument_group("gptq and moequant (--recipe moequant = rtn + gptq + agq + ebss)")
     g.add_argument("--moequant", action="store_true", help=h("GPTQ, AGQ and EBSS on top of the method"))
     g.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=False, help=h("GPTQ rounding of every quantized weight"))
@@ -344,7 +346,8 @@ def eaquant_config(args) -> EAQuantConfig:
     return EAQuantConfig(smooth_aggregate=args.smooth_aggregate, smooth_aggregate_router=args.smooth_aggregate_router,
                          expert_act=args.expert_act, align_rule=args.align_rule, router_align=args.router_align,
                          kl_top=args.kl_top, calib_balance=args.calib_balance, balance_ratio=args.balance_ratio,
-                         balance_dataset=args.balance_dataset, balance_max_extra=args.balance_max_extra)
+                         balance_dataset=args.balance_dataset, balance_max_extra=args.balance_max_extra,
+                         balance_rule=args.balance_rule)
 
 
 def moequant_configs(args) -> tuple[MoEQuantConfig, GPTQConfig | None]:

@@ -8,6 +8,9 @@ from duquant.config import ConfigError
 AGGREGATIONS = ("maximum", "expert_frequency", "router_logits")
 EXPERT_ACTS = ("moe_in", "routed")  # each expert's act max: over all MoE-input tokens, or its routed tokens
 ALIGN_RULES = ("ours", "official")  # router alignment: eaquant_ext/router_align.py
+# Calibration balance: extra sequences until every expert has r k N / n routed tokens (paper), or each
+# expert's rotation rows topped up to int(k / n x seqlen x r) from the layer's FP outputs (published code).
+BALANCE_RULES = ("paper", "official")
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class EAQuantConfig:
     balance_ratio: float = 2.0  # experts below r * k * N / n routed tokens get extra sequences
     balance_dataset: str = "gutenberg"
     balance_max_extra: int | None = None  # cap on added sequences (None = nsamples)
+    balance_rule: str = "paper"
 
     def __post_init__(self):
         if self.smooth_aggregate is not None and self.smooth_aggregate not in AGGREGATIONS:
@@ -34,8 +38,20 @@ class EAQuantConfig:
             raise ConfigError(f"--align_rule {self.align_rule!r}: choose from {', '.join(ALIGN_RULES)}")
         if not 0 <= self.kl_top <= 100:
             raise ConfigError(f"--kl_top {self.kl_top} must be in 0..100")
+        if self.balance_rule not in BALANCE_RULES:
+            raise ConfigError(f"--balance_rule {self.balance_rule!r}: choose from {', '.join(BALANCE_RULES)}")
         if self.balance_ratio < 0:
             raise ConfigError(f"--balance_ratio {self.balance_ratio} must be >= 0")
+
+    @property
+    def extra_sequences(self) -> bool:
+        """Whether the balance adds calibration sequences (the paper's rule)."""
+        return self.calib_balance and self.balance_rule == "paper"
+
+    @property
+    def fill_ratio(self) -> float:
+        """r of the published balance, which tops up the experts' rotation rows in the pipeline; else 0."""
+        return self.balance_ratio if self.calib_balance and self.balance_rule == "official" else 0.0
 
     @property
     def any(self) -> bool:

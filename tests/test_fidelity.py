@@ -301,3 +301,29 @@ def test_outlier_mask_down_smoothing_runs_and_changes_the_quantized_model(monkey
     assert len(masked) >= 2 * 4 and all(r.high is not None for r in masked)  # 2 layers x most of 8 experts
     assert torch.isfinite(out["outlier_mask"]).all()
     assert not torch.allclose(out["alpha"], out["outlier_mask"])
+
+
+def test_published_balance_tops_up_each_experts_rows_in_order_up_to_the_budget():
+    from duquant.calibration import fill_expert_rows
+    from duquant.layerwise import capture_layer_inputs, observe
+    model, tok = outlier_model("olmoe")
+    spec = get_spec(model)
+    unfuse_experts(model, spec)
+    layer = decoder_layers(model, spec)[0]
+    view = resolve(spec, layer, model.config, 0)
+    calib, _ = tiny_data(tok, nsamples=4)
+    inps, kwargs = capture_layer_inputs(model, spec, calib, "cpu")
+    with collect(hooked_sites(view), None, 0, 64, 0) as stats:
+        observe(layer, [mean_sequence(inps)], kwargs)
+    own = {e: stats[x.gate_proj].count for e, x in enumerate(view.experts)}
+    before = {e: stats[x.gate_proj].sample.clone() for e, x in enumerate(view.experts) if own[e]}
+    with collect([x.gate_proj for x in view.experts], None, 0, 10**6, 0) as routed:
+        observe(layer, inps, kwargs)
+    budget = 40
+    fill_expert_rows(layer, view, stats, inps, kwargs, budget)
+    for e, x in enumerate(view.experts):
+        want = min(budget, own[e] + routed[x.gate_proj].count)
+        assert stats[x.gate_proj].count == want == stats[x.down_proj].count
+        if own[e]:
+            assert torch.equal(stats[x.gate_proj].sample[: min(own[e], budget)], before[e][:budget])
+    assert any(own[e] < budget for e in own)  # the fill mattered for some expert

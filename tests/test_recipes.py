@@ -35,6 +35,9 @@ def test_explicit_options_beat_recipes_and_set_beats_both():
     assert run.method == "duquant+sa-maximum+cb"
     assert run.duquant.rotation == "paper" and run.duquant.rotation_data == "layer_mean"  # official's EAQuant value
     assert run.duquant.min_expert_tokens == 4 and run.eaquant.kl_top == 10
+    assert run.duquant.expert_down_smooth == "outlier_mask" and run.eaquant.balance_rule == "official"
+    assert run.eaquant.fill_ratio == 2.0 and not run.eaquant.extra_sequences  # no extra text under that rule
+    assert main.build_config(["--recipe", "eaquant"]).eaquant.extra_sequences
 
 
 @pytest.mark.parametrize("argv, message", [
