@@ -7,6 +7,8 @@
 #   bash bench/parity.sh            # everything (about 1 h on 2 idle cores)
 #   STAGES=main bash bench/parity.sh   # ABLATION_MODEL (default demo-llama-s) gets the one-at-a-time runs
 #   STAGES=ablation ABLATION_WBITS="4 3" bash bench/parity.sh   # the one-at-a-time runs at W4A4 and W3A4
+#   STAGES=candidates CANDIDATES="--rotation_stop range" bash bench/parity.sh   # combinations on both models and widths
+#   STAGES=eaquant bash bench/parity.sh   # EAQuant W4A4 on demo-olmoe, official and default recipes (about 20 min a run)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/parity}
@@ -20,6 +22,13 @@ ABLATIONS=("--smooth_weight one_reader" "--smooth_stats fp" "--act_absmax_floor 
            "--spreading official" "--act_range minmax" "--weight_range minmax" "--qk_clip lac")
 
 runs() {
+  if [[ " $STAGES " == *" eaquant "* ]]; then
+    for recipe in official default; do
+      for seed in $SEEDS; do
+        echo "demo-olmoe/eaquant-$recipe-w4a4-s$seed --model demo-olmoe --recipe eaquant,$recipe --wbits 4 --abits 4 --seed $seed"
+      done
+    done
+  fi
   for model in demo-llama-s demo-llama-m; do
     for w in 4 3; do
       [[ " $STAGES " == *" main "* ]] || continue
@@ -30,6 +39,17 @@ runs() {
         done
       done
     done
+    if [[ " $STAGES " == *" candidates "* ]]; then
+      while read -r opt; do
+        [ -n "$opt" ] || continue
+        tag=$(echo "$opt" | sed 's/^--//; s/ --/+/g; s/ /=/g')
+        for w in 4 3; do
+          for seed in $SEEDS; do
+            echo "$model/default+$tag-w${w}a4-s$seed --model $model --method duquant --wbits $w --abits 4 --seed $seed $opt"
+          done
+        done
+      done <<< "$(echo "${CANDIDATES:-}" | tr ';' '\n')"
+    fi
     [[ " $STAGES " == *" ablation "* && $model == "${ABLATION_MODEL:-demo-llama-s}" ]] || continue
     for w in ${ABLATION_WBITS:-4}; do
       for seed in $SEEDS; do
