@@ -67,7 +67,7 @@ def fill_expert_rows(layer: nn.Module, view: LayerView, stats: LayerStats, seqs:
     """The published EAQuant code's calibration balance: each routed expert's rotation rows are its own
     rows so far, then the rows `seqs` route to it, in order, up to `budget` rows (its input and its
     down-in sites alike: both see the expert's tokens in the same order)."""
-    hooks = [site.hook for site in layer_sites(view) if site.expert is not None]
+    hooks = [site.hook for site in layer_sites(view) if site.expert is not None and site.hook in stats.inputs]
     kept = {m: [] if stats[m].sample is None else [stats[m].sample] for m in hooks}
     count = {m: sum(r.shape[0] for r in kept[m]) for m in hooks}
 
@@ -89,6 +89,10 @@ def fill_expert_rows(layer: nn.Module, view: LayerView, stats: LayerStats, seqs:
             stats[m].count = stats[m].sample.shape[0]
 
 
+def _routing(model, spec: ModelSpec, view: LayerView, route_all: bool):
+    return route_all_tokens(model, spec, enabled=route_all and view.is_moe, layer=view.index)
+
+
 def layer_statistics(model, spec: ModelSpec, layer: nn.Module, view: LayerView, data: Calibration,
                      cfg: DuQuantConfig, seed: int, route_all: bool,
                      fill: tuple[list[torch.Tensor], int] | None = None) -> tuple[LayerStats, dict]:
@@ -98,7 +102,7 @@ def layer_statistics(model, spec: ModelSpec, layer: nn.Module, view: LayerView, 
     info: dict = {}
 
     def routing():
-        return route_all_tokens(model, spec, enabled=route_all and view.is_moe, layer=view.index)
+        return _routing(model, spec, view, route_all)
 
     downs = expert_down_inputs(view) if cfg.expert_down_smooth == "outlier_mask" else []
     with collect(hooked_sites(view), view.router, view.num_experts, cfg.rotation_tokens, seed, view.routing) as stats, \
@@ -122,6 +126,24 @@ def layer_statistics(model, spec: ModelSpec, layer: nn.Module, view: LayerView, 
         with routing():
             fill_expert_rows(layer, view, stats, fill[0], data.kwargs, fill[1])
     return stats, info
+
+
+def site_rows(model, spec: ModelSpec, layer: nn.Module, view: LayerView, data: Calibration, cfg: DuQuantConfig,
+              seed: int, route_all: bool, hooks: list[nn.Module], fill: tuple | None = None) -> LayerStats:
+    """The rotation rows of `hooks` in the layer as it is now (`fit_order="sequential"`): drawn as
+    `layer_statistics` draws them (the rotation sequence, or a sample of the calibration inputs with
+    the expert-only extra data), topped up by `fill` the same way."""
+    rot = rotation_sequence(data, cfg)
+    cap = rot[0].shape[1] if rot else cfg.rotation_tokens
+    with collect(hooks, None, 0, cap, seed) as rows, _routing(model, spec, view, route_all):
+        observe(layer, rot or data.inps, data.kwargs)
+        if not rot and data.extra and view.is_moe:
+            rows.frozen = {m for m in rows.inputs if m not in routed_expert_inputs(view)}
+            observe(layer, data.extra, data.kwargs)
+    if fill is not None and view.is_moe:
+        with _routing(model, spec, view, route_all):
+            fill_expert_rows(layer, view, rows, fill[0], data.kwargs, fill[1])
+    return rows
 
 
 def fp_outputs(layer: nn.Module, data: Calibration, cfg: DuQuantConfig) -> tuple[list, list] | None:

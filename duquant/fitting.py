@@ -316,19 +316,50 @@ def channel_profile(fit: SiteFit) -> dict:
     return {"before": fit.raw.abs().amax(0).tolist(), "after": after.abs().amax(0).tolist()}
 
 
-def quantize_layer(view: LayerView, stats: LayerStats | None, lq: LayerQuantizer) -> tuple[dict, nn.Module | None]:
+def refresh_rows(fits: list[SiteFit], rows: LayerStats, min_tokens: int) -> None:
+    """Rows observed again with the earlier sites quantized replace each fit's rows. They are already
+    smoothed where smoothing was folded; online smoothing is applied to them. An expert that now sees
+    fewer than `min_tokens` rows keeps the rows it was given before."""
+    for f in fits:
+        st = rows[f.site.hook]
+        if st.sample is None or (f.site.expert is not None and st.count < min_tokens):
+            continue
+        f.x = f.online.act(st.sample) if f.online is not None else st.sample
+
+
+def fit_and_wrap(view: LayerView, fits: list[SiteFit], lq: LayerQuantizer, info: dict, refresh) -> None:
+    """Steps 2 and 3: all sites at once on the FP layer's rows, or (`refresh` given, the published
+    code's order) depth by depth (models/sites.py), each depth's rows observed with the earlier
+    depths already wrapped."""
+    if refresh is None:
+        rotate_sites(fits, lq)
+        wrap_sites(view, fits, lq, info)
+        return
+    for depth, group in groupby(sorted(fits, key=lambda f: f.site.depth), key=lambda f: f.site.depth):
+        group = list(group)
+        if depth > 0:
+            refresh_rows(group, refresh([f.site for f in group]), lq.cfg.min_expert_tokens)
+        rotate_sites(group, lq)
+        wrap_sites(view, group, lq, info)
+
+
+def quantize_layer(view: LayerView, stats: LayerStats | None, lq: LayerQuantizer,
+                   refresh=None) -> tuple[dict, nn.Module | None]:
     """Fit and apply every quantized site of one layer; returns its report and, for MoE layers, the
     FP router as the quantized router will see its input (for routing diagnostics). Without
-    statistics (round-to-nearest, GPTQ alone) the readers are wrapped untransformed."""
+    statistics (round-to-nearest, GPTQ alone) the readers are wrapped untransformed. `refresh`
+    (sites -> LayerStats of their rows in the layer as it is then) selects sequential fitting."""
     info: dict = {}
     sites = [s for s in layer_sites(view) if lq.quantizes(view, s)]
     if stats is None:
         fits, moe = [SiteFit(s, None) for s in sites], []
     else:
         fits, moe = smooth_sites(view, sites, stats, lq)
-        rotate_sites(fits, lq)
     fp_router = copy.deepcopy(view.router) if view.is_moe else None  # smoothing folded, nothing quantized
-    wrap_sites(view, fits, lq, info)
+    if stats is None:
+        wrap_sites(view, fits, lq, info)
+    else:
+        fit_and_wrap(view, fits, lq, info, refresh)
     if lq.profile:
         info["channel_absmax"] = {f.site.name: channel_profile(f) for f in fits if f.raw is not None}
     if moe and moe[0].fallbacks:

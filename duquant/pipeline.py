@@ -31,7 +31,7 @@ from models.spec import LayerView, ModelSpec, decoder_layers, resolve
 
 from . import kvquant, resume
 from .agreement import RoutingAgreement
-from .calibration import Calibration, calibration, fp_outputs, layer_statistics
+from .calibration import Calibration, calibration, fp_outputs, layer_statistics, site_rows
 from .config import DuQuantConfig, GPTQConfig, QuantConfig
 from .fitting import LayerQuantizer, quantize_layer
 from .gptq_layer import gptq_layer
@@ -158,12 +158,21 @@ def expert_fill(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibrat
 
 
 def observe_layer(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibration,
-                  lq: LayerQuantizer, fp_next=None) -> tuple[LayerStats | None, dict]:
+                  lq: LayerQuantizer, fill) -> tuple[LayerStats | None, dict]:
     """Step 1: statistics, only when some quantized site fits a transform (or the router is aligned)."""
     if not (needs_statistics(job.cfg, job.ext) and any(lq.quantizes(view, s) for s in layer_sites(view))):
         return None, {}
     return layer_statistics(job.model, job.spec, layer, view, data, job.cfg, job.seed + view.index, job.route_all,
-                            expert_fill(job, layer, view, data, fp_next))
+                            fill)
+
+
+def row_refresh(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibration, fill):
+    """With `fit_order="sequential"`, what step 2 calls before each depth of sites: their rows in the
+    layer with the earlier sites already quantized (None: every site fits on the FP layer's rows)."""
+    if job.cfg.fit_order != "sequential":
+        return None
+    return lambda sites: site_rows(job.model, job.spec, layer, view, data, job.cfg, job.seed + view.index,
+                                   job.route_all, [s.hook for s in sites], fill)
 
 
 def gptq_step(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibration, lq: LayerQuantizer) -> dict:
@@ -210,12 +219,13 @@ def quantize_calibrated(job: LayerJob, layer: nn.Module, view: LayerView, data: 
     lq = job.quantizer(view)
     with clock("statistics"):
         fp_next = fp_outputs(layer, data, job.cfg)
-        stats, observed = observe_layer(job, layer, view, data, lq, fp_next)
+        fill = expert_fill(job, layer, view, data, fp_next)
+        stats, observed = observe_layer(job, layer, view, data, lq, fill)
         info.update(observed)
     with clock("fitting"):
-        layer_info, fp_router = quantize_layer(view, stats, lq)
+        attach_kv_quant(job, view)  # before fitting: sequential fitting sees attention KV-quantized
+        layer_info, fp_router = quantize_layer(view, stats, lq, row_refresh(job, layer, view, data, fill))
         info.update(layer_info)
-        attach_kv_quant(job, view)
     if job.gptq is not None:
         with clock("gptq"):
             info["gptq"] = gptq_step(job, layer, view, data, lq)

@@ -27,6 +27,7 @@ OFFICIAL_DUQUANT = {
     "act_range": "minmax",
     "weight_range": "minmax",
     "qk_clip": "lac",
+    "fit_order": "sequential",
 }
 
 # The published EAQuant scripts on top of their own DuQuant pipeline.

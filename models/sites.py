@@ -40,7 +40,8 @@ class Site:
     whose weight the published code's one-reader smoothing rule uses (None: always every reader, as at
 the MoE input, which the published DuQuant code does not have). `expert` numbers a routed
     expert's sites (their statistics see routed tokens only); `mlp` is the MLP a down-in site
-    belongs to.
+    belongs to. `depth` orders the sites by data flow: a site's input depends only on the readers
+    of sites of smaller depth, so fitting depth by depth can see the earlier sites quantized.
     """
 
     name: str
@@ -51,6 +52,7 @@ the MoE input, which the published DuQuant code does not have). `expert` numbers
     also_smoothed: tuple[nn.Module, ...] = ()
     expert: int | None = None
     mlp: MLPView | None = None
+    depth: int = 0
 
     @property
     def hook(self) -> nn.Module:
@@ -62,15 +64,15 @@ the MoE input, which the published DuQuant code does not have). `expert` numbers
         return self.readers + self.also_smoothed
 
 
-def _down_site(name: str, mlp: MLPView, expert: int | None = None) -> Site:
+def _down_site(name: str, mlp: MLPView, depth: int, expert: int | None = None) -> Site:
     if not mlp.down_input_foldable:
-        return Site(name, (mlp.down_proj,), "online", None, mlp.down_proj, expert=expert, mlp=mlp)
-    return Site(name, (mlp.down_proj,), "up_rows", mlp.up_proj, mlp.down_proj, expert=expert, mlp=mlp)
+        return Site(name, (mlp.down_proj,), "online", None, mlp.down_proj, expert=expert, mlp=mlp, depth=depth)
+    return Site(name, (mlp.down_proj,), "up_rows", mlp.up_proj, mlp.down_proj, expert=expert, mlp=mlp, depth=depth)
 
 
-def _mlp_sites(prefix: str, mlp: MLPView, norm: nn.Module) -> list[Site]:
-    return [Site(f"{prefix}mlp_in", tuple(mlp.in_projs), "norm", norm, mlp.up_proj),
-            _down_site(f"{prefix}down_in", mlp)]
+def _mlp_sites(prefix: str, mlp: MLPView, norm: nn.Module, depth: int) -> list[Site]:
+    return [Site(f"{prefix}mlp_in", tuple(mlp.in_projs), "norm", norm, mlp.up_proj, depth=depth),
+            _down_site(f"{prefix}down_in", mlp, depth + 1)]
 
 
 def attention_sites(view: LayerView) -> list[Site]:
@@ -78,27 +80,32 @@ def attention_sites(view: LayerView) -> list[Site]:
     q_a_layernorm / kv_a_layernorm and their readers), then o-in."""
     sites = [Site("attn_in", tuple(view.attn_in), "norm", view.attn_norm, view.attn_in[0])]
     for k, (norm, readers) in enumerate(view.inner_norms):
-        sites.append(Site(f"attn_inner{k}", tuple(readers), "norm", norm, readers[0]))
-    sites.append(Site("o_in", (view.attn_out,), "v_rows", view.attn_value, view.attn_out))
+        sites.append(Site(f"attn_inner{k}", tuple(readers), "norm", norm, readers[0], depth=1))
+    sites.append(Site("o_in", (view.attn_out,), "v_rows", view.attn_value, view.attn_out,
+                      depth=1 + bool(view.inner_norms)))
     return sites
 
 
-def moe_sites(view: LayerView) -> list[Site]:
+def moe_sites(view: LayerView, depth: int) -> list[Site]:
     """The MoE input (router, shared-expert gate, shared experts' gate/up; the routed experts' gate/up
     take its smoothing), each shared expert's down-in, then every routed expert's input and down-in.
     Routed experts' sites come grouped by kind, so same-width rotation searches can run jointly."""
     shared_in = tuple(p for sh in view.shared for p in sh.in_projs)
     gate = (view.shared_gate,) if view.shared_gate is not None else ()
     experts_in = tuple(p for e in view.experts for p in e.in_projs)
-    sites = [Site("moe_in", (view.router, *gate, *shared_in), "norm", view.mlp_norm, also_smoothed=experts_in)]
-    sites += [_down_site(f"shared{k}.down_in", sh) for k, sh in enumerate(view.shared)]
-    sites += [Site(f"expert{e}.in", tuple(x.in_projs), "moe_in", expert=e, mlp=x) for e, x in enumerate(view.experts)]
-    sites += [_down_site(f"expert{e}.down_in", x, e) for e, x in enumerate(view.experts)]
+    sites = [Site("moe_in", (view.router, *gate, *shared_in), "norm", view.mlp_norm, also_smoothed=experts_in,
+                  depth=depth)]
+    sites += [_down_site(f"shared{k}.down_in", sh, depth + 1) for k, sh in enumerate(view.shared)]
+    sites += [Site(f"expert{e}.in", tuple(x.in_projs), "moe_in", expert=e, mlp=x, depth=depth)
+              for e, x in enumerate(view.experts)]
+    sites += [_down_site(f"expert{e}.down_in", x, depth + 1, e) for e, x in enumerate(view.experts)]
     return sites
 
 
 def layer_sites(view: LayerView) -> list[Site]:
     """Every site of one decoder layer, attention first, in the order the transforms are fitted."""
+    attention = attention_sites(view)
+    depth = attention[-1].depth + 1
     if not view.is_moe:
-        return attention_sites(view) + _mlp_sites("", view.dense, view.mlp_norm)
-    return attention_sites(view) + moe_sites(view)
+        return attention + _mlp_sites("", view.dense, view.mlp_norm, depth)
+    return attention + moe_sites(view, depth)

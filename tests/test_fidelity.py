@@ -327,3 +327,26 @@ def test_published_balance_tops_up_each_experts_rows_in_order_up_to_the_budget()
         if own[e]:
             assert torch.equal(stats[x.gate_proj].sample[: min(own[e], budget)], before[e][:budget])
     assert any(own[e] < budget for e in own)  # the fill mattered for some expert
+
+
+def test_sequential_fitting_sees_the_earlier_sites_quantized(monkeypatch):
+    """In the first layer, attn-in fits on the same rows either way; o-in's rows come through quantized
+    q/k/v (and down-in's through quantized gate/up) only under fit_order=sequential."""
+    from duquant import fitting
+    seen = {}
+    original = fitting.rotate_sites
+
+    def record(fits, lq):
+        for f in fits:
+            seen.setdefault(lq.cfg.fit_order, {}).setdefault(f.site.name, f.x.clone())  # layer 0's
+        return original(fits, lq)
+
+    monkeypatch.setattr(fitting, "rotate_sites", record)
+    for order in ("layer", "sequential"):
+        model, tok = outlier_model("llama")
+        calib, _ = tiny_data(tok)
+        quantize_model(model, get_spec(model), calib, QuantConfig(4, 4), DuQuantConfig(**{**FAST, "fit_at_16_bits": False},
+                                                                                   fit_order=order), seed=0)
+    layer, seq = seen["layer"], seen["sequential"]
+    assert torch.equal(layer["attn_in"], seq["attn_in"])
+    assert not torch.allclose(layer["o_in"], seq["o_in"]) and not torch.allclose(layer["down_in"], seq["down_in"])
