@@ -5,7 +5,7 @@ Reducing over the last dimension gives per-output-channel quantization for a wei
 DuQuant uses (docs/algorithm.md section 4). Quantizers hold no transform state: rotations,
 permutations and smoothing live in `duquant.transforms` and are applied before these.
 
-`fake_quant` is literally `dequantize(quantize(x, *quant_params(x)))`, so simulated
+`fake_quant` computes exactly `dequantize(quantize(x, *quant_params(x)))`, so simulated
 accuracy and a later packed-integer export agree bit for bit.
 """
 from __future__ import annotations
@@ -75,8 +75,21 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
 
 def fake_quant(x: torch.Tensor, bits: int, sym: bool = False, clip: float | torch.Tensor = 1.0,
                with_zero: bool = True) -> torch.Tensor:
-    """Quantize-dequantize each row of the last dimension; returns x itself when bits >= 16."""
-    return quantize_with_grid(x, bits, sym, clip, with_zero).weight
+    """Quantize-dequantize each row of the last dimension; returns x itself when bits >= 16.
+
+    Every activation a quantized model reads passes through here, so the steps of `quantize` and
+    `dequantize` run in place on one buffer instead of allocating a tensor each: the same
+    operations in the same order and dtype, hence the same bits (for finite x; tested). The round
+    trip through the integer dtype is left out because a clamped rounded code is an integer within
+    that dtype's range, which the cast back returns unchanged.
+    """
+    check_bits("bits", bits)
+    if bits >= 16:
+        return x
+    scale, zero = quant_params(x, bits, sym, clip, with_zero)
+    lo, hi = _levels(bits, sym)
+    q = x.to(scale.dtype) / scale
+    return q.round_().add_(zero).clamp_(lo, hi).sub_(zero).mul_(scale).to(x.dtype)
 
 
 def mse_clip_search(

@@ -306,16 +306,23 @@ def _kept_product(g: torch.Tensor, spread: torch.Tensor, kept: torch.Tensor) -> 
     channel each step spread (spread [steps, m]) and the spreading matrix g ([b, b] or [m, b, b]).
 
     The product is formed left to right, step by step, exactly as a running product over the
-    search would form it; each step multiplies only the blocks that keep it. Every block's
-    product is its own batched matmul, so leaving other blocks out of the batch changes no bit.
+    search would form it. Every block's product is its own batched matmul, so leaving other blocks
+    out of the batch changes no bit: the blocks are ordered by how many steps they keep, and step
+    k multiplies the leading ones that keep it, as views (no gathered copies, one sync in all).
     """
     m, b = kept.shape[0], g.shape[-1]
+    order = torch.argsort(kept, descending=True, stable=True)
+    g_sorted = g if g.dim() == 2 else g[order]
+    spread = spread[:, order]
     rot = torch.eye(b, device=g.device).repeat(m, 1, 1)
-    for k in range(int(kept.max()) if m else 0):
-        active = (kept > k).nonzero().squeeze(1)
-        g_active = g if g.dim() == 2 else g[active]
-        rot[active] = torch.matmul(rot[active], _step_matrices(g_active, spread[k, active]))
-    return rot
+    step, product = torch.empty_like(rot), torch.empty_like(rot)
+    active = (kept[None] > torch.arange(int(kept.max()) if m else 0, device=kept.device)[:, None]).sum(1)
+    for k, n in enumerate(active.tolist()):
+        _step_matrices(g_sorted if g.dim() == 2 else g_sorted[:n], spread[k, :n], out=step[:n])
+        rot[:n] = torch.matmul(rot[:n], step[:n], out=product[:n])
+    out = torch.empty_like(rot)
+    out[order] = rot
+    return out
 
 
 def _blocks_of(x: torch.Tensor, b: int) -> torch.Tensor:

@@ -136,3 +136,15 @@ def test_invalid_clip_mode_and_16_bit_params_raise():
         WeightQuantizer(clip="percentile")
     with pytest.raises(ValueError):
         quant_params(torch.randn(2, 8), 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("sym, with_zero", [(False, True), (False, False), (True, True)])
+def test_fake_quant_is_bitwise_dequantize_of_quantize(dtype, sym, with_zero):
+    x = (torch.randn(6, 9, 64, generator=gen(3)) * torch.logspace(-3, 3, 9)[:, None]).to(dtype)
+    x[0, 0] = 0.0  # an all-zero row (scale floor)
+    for bits in (2, 4, 8):
+        for clip in (1.0, 0.9, torch.rand(6, 9, 1, generator=gen(4)) * 0.5 + 0.5):
+            scale, zero = quant_params(x, bits, sym, clip, with_zero)
+            ref = dequantize(quantize(x, scale, zero, bits, sym), scale, zero).to(dtype)
+            assert torch.equal(fake_quant(x, bits, sym, clip, with_zero), ref)
