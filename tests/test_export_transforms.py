@@ -157,3 +157,15 @@ def test_a_routers_score_correction_bias_is_exported(tmp_path):
     quantize_model(model, get_spec(model), calib, QuantConfig(4, 4), DUQUANT, seed=0)
     export.export_compressed_tensors(model, tok, tmp_path / "ct", {})
     assert torch.equal(_logits(_load(tmp_path / "ct"), x), _logits(model, x))
+
+
+def test_streamed_duquant_model_exports_the_same_checkpoint(tmp_path):
+    fp, tok = tiny_model("qwen3_moe")
+    fp.save_pretrained(tmp_path / "fp")
+    tok.save_pretrained(tmp_path / "fp")
+    run = [*CLI, "--model", str(tmp_path / "fp"), "--method", "duquant"]
+    for name, extra in (("streamed", ["--stream"]), ("in_memory", [])):
+        assert main.main([*run, *extra, "--output_dir", str(tmp_path / f"r_{name}"),
+                          "--export", "compressed-tensors", str(tmp_path / name)]) == 0
+    for name in ("model.safetensors", online.TENSORS, "config.json"):
+        assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "in_memory" / name).read_bytes(), name

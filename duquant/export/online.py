@@ -105,6 +105,7 @@ class Online:
         self.tensors: dict[str, torch.Tensor] = {}
 
     def add_site(self, key: str, site: SiteInput | None) -> str | None:
+        """The site's steps and tensors under `key`; returns the key its readers name (None: no transform)."""
         if site is None:
             return None
         steps = _steps(site)
@@ -131,6 +132,8 @@ class Online:
                               "tell its transform; keep the model in the toolkit's format (--save_dir)")
 
     def add_reader(self, name: str, site: str | None, q: QLinear, fused: set[str]) -> None:
+        """A reader inside a fused-experts module goes to that module's expert slot (gate, up or down);
+        any other one gets a pre-hook, unless it has neither a transform nor a quantized input."""
         spec = {"site": site, "act": _act(q)}
         parent, _, role = name.rpartition(".")
         experts, _, index = parent.rpartition(".")
@@ -166,9 +169,10 @@ def kept(online: Online) -> list[str]:
     """What the modeling file keeps, one line each, for duquant_export.json."""
     lines = [f"the online input transforms of {len(online.sites)} sites (as dense matrices or their steps, "
              "as the toolkit applies them) and the per-token input quantization of "
-             f"{len(online.readers)} linears and routers, by forward pre-hooks",
-             f"the fused experts of {len(online.experts)} MoE layers, each expert's gate, up and down on its own "
-             "transforms and input quantizers"]
+             f"{len(online.readers)} linears and routers, by forward pre-hooks"]
+    if online.experts:
+        lines.append(f"the fused experts of {len(online.experts)} MoE layers, each expert's gate, up and down on "
+                     "its own transforms and input quantizers")
     if online.kv:
         lines.append(f"KV-cache quantization of {len(online.kv)} attention layers (per-head Hadamard on Q and K)")
     return lines + ["loading needs trust_remote_code=True (modeling_duquant.py, which imports only torch, "
