@@ -33,10 +33,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _quantized(arch, cfg=DUQUANT, dtype=torch.float32, **model_args):
+def _quantized(arch, cfg=DUQUANT, dtype=torch.float32, quant=QuantConfig(4, 4), **model_args):
     model, tok = outlier_model(arch, dtype) if not model_args else tiny_model(arch, **model_args)
     calib, x = tiny_data(tok)
-    quantize_model(model, get_spec(model), calib, QuantConfig(4, 4), cfg, seed=0)
+    quantize_model(model, get_spec(model), calib, quant, cfg, seed=0)
     return model, tok, x
 
 
@@ -84,6 +84,13 @@ def test_transforms_applied_as_steps_reproduce_the_logits_bit_for_bit(arch, cfg,
     kinds = {k for steps in json.loads((tmp_path / "ct" / "config.json").read_text())["duquant_online"]["sites"].values()
              for k in steps}
     assert kinds == {"smooth"} if not cfg.rotate else {"smooth", "rotation", "permutation"} <= kinds
+    assert torch.equal(_logits(_load(tmp_path / "ct"), x), _logits(model, x))
+
+
+@pytest.mark.parametrize("quant", [QuantConfig(4, 4, a_sym=True, w_sym=True), QuantConfig(4, 4, act_range="minmax")])
+def test_symmetric_and_minmax_input_grids_reproduce_the_logits_bit_for_bit(quant, tmp_path):
+    model, tok, x = _quantized("qwen3_moe", quant=quant)
+    export.export_compressed_tensors(model, tok, tmp_path / "ct", {})
     assert torch.equal(_logits(_load(tmp_path / "ct"), x), _logits(model, x))
 
 
