@@ -28,7 +28,7 @@ from duquant import export
 from duquant.config import ConfigError, DuQuantConfig
 from duquant.data import DataError, calibration_segments, ppl_segments
 from duquant.diagnostics import plot_run, summarize
-from duquant.evaluate import FPStates, divergence_from_fp, perplexity
+from duquant.evaluate import FPStates, divergence_from_fp, perplexity, reference_key
 from duquant.packed import QuantizedLoadError, check_save_dir, load_quantized, save_quantized
 from duquant.pipeline import Extensions, needs_calibration, quantize_model
 from duquant.resume import check_readable, finished_layers
@@ -42,7 +42,8 @@ from eaquant_ext.router_align import router_quantizer
 from eaquant_ext.smoothing import moe_smoothing
 from models import DEFAULT_MODEL, ModelLoadError, get_spec, load_model, resolve_model_name
 from models.spec import config_value
-from models.files import PathError, check_output_dir, describe, remove_stale_temporaries, write_file_atomically
+from models.files import (PathError, check_output_dir, describe, remove_stale_temporaries, write_dir_atomically,
+                          write_file_atomically)
 
 # `python main.py` with no arguments: sizes chosen to finish in minutes on 2 CPU cores; Gutenberg is
 # the zoo models' own held-out text, and the RTN baseline shows what the method recovers.
@@ -50,6 +51,7 @@ DEMO_ARGS = ["--model", DEFAULT_MODEL, "--recipe", "eaquant", "--wbits", "4", "-
              "--nsamples", "32", "--seqlen", "512", "--rotation_tokens", "512", "--eval_ppl", "gutenberg",
              "--ppl_samples", "40", "--baseline", "rtn"]
 log = logging.getLogger("main")
+FP_RESULTS = "fp.json"  # the FP figures in a --fp_reference folder, beside the FP states
 
 
 def extensions(run: RunConfig) -> Extensions:
@@ -289,6 +291,51 @@ def baseline_step(run: RunConfig, model, spec, tokenizer, segments: dict, fp_sta
     result["timings"]["baseline"] = time.time() - t
 
 
+def fp_step(run: RunConfig, model, spec, tokenizer, segments: dict, device, result: dict) -> FPStates | None:
+    """The FP model's perplexity, tasks and last-layer states, for the comparison with the quantized
+    model. With --fp_reference DIR they are kept in DIR under a key of everything that decides them
+    (`reference_key`), and a later run with the same key reads them instead of evaluating again."""
+    folder = None
+    if run.eval.fp_reference is not None:
+        settings = {"tasks": run.eval.tasks, "limit": run.eval.limit, "batch": run.eval.eval_batch_size,
+                    "dtype": str(next(model.parameters()).dtype), "device": str(device), **versions()}
+        folder = Path(run.eval.fp_reference) / reference_key(model, segments, settings)
+        if (folder / FP_RESULTS).exists():
+            kept = json.loads((folder / FP_RESULTS).read_text())
+            result["ppl_fp"], result["tasks_fp"], result["fp_reference"] = kept["ppl"], kept["tasks"], str(folder)
+            print(f"FP evaluation read from {folder}")
+            return FPStates.kept(folder) if segments else None
+    if folder is not None:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    states = FPStates(segments, parent=folder.parent if folder else None) if segments else None
+    result["ppl_fp"], _, result["tasks_fp"], times = evaluate(model, spec, tokenizer, segments, run, device, "FP",
+                                                              keep=states)
+    result["timings"].update({f"{k}_fp": v for k, v in times.items()})
+    if folder is not None:
+        keep_fp_reference(folder, states, {"ppl": result["ppl_fp"], "tasks": result["tasks_fp"]})
+        result["fp_reference"] = str(folder)
+        if states is not None:
+            states.close()
+        return FPStates.kept(folder) if segments else None
+    return states
+
+
+def keep_fp_reference(folder: Path, states: FPStates | None, figures: dict) -> None:
+    """Move the run's FP states and figures into `folder`, whole or not at all (a folder another run
+    finished meanwhile is kept: it holds the same figures)."""
+    if (folder / FP_RESULTS).exists():
+        return
+
+    def fill(tmp: Path) -> None:
+        if states is not None:
+            states.keep()
+            for f in states.folder.iterdir():
+                shutil.move(str(f), tmp / f.name)
+        (tmp / FP_RESULTS).write_text(json.dumps(figures, indent=1))
+
+    write_dir_atomically(folder, fill)
+
+
 def quantize_and_evaluate(run: RunConfig, out_dir: Path) -> dict:
     """Load the model, quantize it (unless --method fp), evaluate, write results.json."""
     seed_everything(run.seed)
@@ -299,11 +346,7 @@ def quantize_and_evaluate(run: RunConfig, out_dir: Path) -> dict:
     result = {"model": run.model, "method": run.method, "seed": run.seed, "config": asdict(run),
               "ppl": {}, "ppl_fp": {}, "kl_fp": {}, "tasks": {}, "tasks_fp": {}, "timings": timings}
     quantized = run.quant is not None
-    fp_states = FPStates(segments) if run.eval.compare_fp and quantized and segments else None
-    if run.eval.compare_fp and quantized:
-        result["ppl_fp"], _, result["tasks_fp"], times = evaluate(model, spec, tokenizer, segments, run, device, "FP",
-                                                                  keep=fp_states)
-        timings.update({f"{k}_fp": v for k, v in times.items()})
+    fp_states = fp_step(run, model, spec, tokenizer, segments, device, result) if run.eval.compare_fp and quantized else None
     if quantized:
         baseline_step(run, model, spec, tokenizer, segments, fp_states, device, result)
         quantize_step(run, model, spec, tokenizer, device, ext, out_dir, result)
@@ -361,6 +404,8 @@ def check_paths(run: RunConfig, out_dir: Path) -> None:
         check_output_dir(Path(run.output.save_dir), "--save_dir", needs.get("save_dir", 0))
     if run.output.stream:
         check_output_dir(Path(run.output.stream_dir or tempfile.gettempdir()), "--stream_dir", needs.get("stream_dir", 0))
+    if run.eval.fp_reference is not None:
+        check_output_dir(Path(run.eval.fp_reference), "--fp_reference")
 
 
 class Interrupted(Exception):

@@ -15,8 +15,9 @@
 # ABLATION_SEEDS (default: SEEDS) narrows the single-knob ablations of Tables 4-7 and the MoEQuant runs.
 # TASKS (default the paper's five) are lm-eval zero-shot tasks, at most TASK_LIMIT examples each
 # (0 = all); TASKS= skips them. Beside another CPU job, run with OMP_NUM_THREADS=1.
-# Every quantized run also scores the FP model on the same windows (main.py's --compare_fp) for its
-# KL to FP and top-1 agreement (docs/evaluation.md); that repeats the FP zero-shot tasks in each run too.
+# Every quantized run also compares with the FP model on the same windows (main.py's --compare_fp) for its
+# KL to FP and top-1 agreement (docs/evaluation.md); the FP evaluation (perplexity, states, zero-shot tasks)
+# runs once per model and settings and is reused from $OUT/MODEL/fp-reference (main.py --fp_reference).
 # Instances with different MODELS can run side by side (results are written atomically).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -55,7 +56,8 @@ run() {  # run NAME ARGS...: one main.py run into $OUT/$model/NAME unless alread
   local dir="$OUT/$model/$name"
   [ -f "$dir/results.json" ] && return 0
   echo "== $model $name ($(( ($(date +%s) - START) / 60 )) min)"
-  python main.py --model "$model" --output_dir "$dir" $COMMON "$@" > "$OUT/$model/$name.log" 2>&1 \
+  python main.py --model "$model" --output_dir "$dir" --fp_reference "$OUT/$model/fp-reference" $COMMON "$@" \
+    > "$OUT/$model/$name.log" 2>&1 \
     || { echo "FAILED: $model $name (see $OUT/$model/$name.log)"; FAILED="$FAILED $model/$name"; }
 }
 FAILED=""

@@ -16,6 +16,7 @@ sets of logits plus one float per token, whatever the number of windows.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -65,18 +66,45 @@ class FinalStates:
 class FPStates:
     """Every evaluation set's FinalStates, in a temporary folder under `parent` (default: the system's
     temporary directory, $TMPDIR, as for --stream's spilled layers); `close()` removes it, as does the
-    object's collection or the interpreter's exit after a failure."""
+    object's collection or the interpreter's exit after a failure. `kept(folder)` reopens states
+    that `keep()` wrote to a folder of their own (`--fp_reference`), which `close()` leaves alone."""
 
-    def __init__(self, names, parent: Path | None = None):
-        self._folder = tempfile.TemporaryDirectory(dir=parent, prefix="fp-states-")
-        self.sets = {name: FinalStates(Path(self._folder.name) / f"{name}.bin") for name in names}
+    META = "states.json"
 
-    @property
-    def folder(self) -> Path:
-        return Path(self._folder.name)
+    def __init__(self, names, parent: Path | None = None, folder: Path | None = None):
+        self._folder = None if folder is not None else tempfile.TemporaryDirectory(dir=parent, prefix="fp-states-")
+        self.folder = Path(folder) if folder is not None else Path(self._folder.name)
+        self.sets = {name: FinalStates(self.folder / f"{name}.bin") for name in names}
+
+    @classmethod
+    def kept(cls, folder: Path) -> "FPStates":
+        meta = json.loads((Path(folder) / cls.META).read_text())
+        states = cls(meta, folder=folder)
+        for name, m in meta.items():
+            states.sets[name].head_digest, states.sets[name].count = m["head_digest"], m["count"]
+        return states
+
+    def keep(self) -> None:
+        """Record what each set's file holds, so `kept` can reopen the folder in another run."""
+        meta = {name: {"head_digest": s.head_digest, "count": s.count} for name, s in self.sets.items()}
+        (self.folder / self.META).write_text(json.dumps(meta))
 
     def close(self) -> None:
-        self._folder.cleanup()
+        if self._folder is not None:
+            self._folder.cleanup()
+
+
+def reference_key(model, segments: dict[str, torch.Tensor], settings: dict) -> str:
+    """sha256 of everything that decides the FP model's evaluation: every parameter and buffer, the
+    windows' token ids, and `settings` (tasks, batch size, dtype, device, library versions, threads)."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(_as_bytes(t).data)
+    for name, seg in sorted(segments.items()):
+        digest.update(name.encode())
+        digest.update(_as_bytes(seg).data)
+    return digest.hexdigest()[:20]
 
 
 def head_digest(model, spec: ModelSpec) -> str:

@@ -52,6 +52,7 @@ class EvalConfig:
     limit: int | None = None
     plots: bool = False
     plot_layer: int | None = None
+    fp_reference: str | None = None  # folder where the FP evaluation is kept and reused (main.fp_step)
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ SAVED_BITS = ("wbits", "abits", "kv_bits", "router_wbits", "router_abits")
 # The options that apply to --load; the saved model fixes every other one (the SAVED_BITS are
 # accepted when they match it). --export converts a loaded model as well as a freshly quantized one.
 LOAD_OPTIONS = {"--load", "--device", "--output_dir", "--eval_ppl", "--ppl_samples", "--eval_batch_size", "--seqlen",
-                "--tasks", "--limit", "--no-compare_fp", "--export", *(f"--{k}" for k in SAVED_BITS)}
+                "--tasks", "--limit", "--no-compare_fp", "--export", "--fp_reference", *(f"--{k}" for k in SAVED_BITS)}
 # What a saved model's method name starts with (method_name).
 SAVED_METHODS = ("rtn", "duquant", "eaquant", "moequant")
 # Old spellings that now mean something else, refused with the new one.
@@ -171,6 +172,8 @@ def _everyday(p: argparse.ArgumentParser, show_all: bool) -> None:
     g.add_argument("--ppl_samples", type=int, default=None, help="at most this many windows per perplexity set")
     g.add_argument("--eval_batch_size", type=int, default=4)
     g.add_argument("--compare_fp", action=argparse.BooleanOptionalAction, default=True, help="also evaluate the FP model")
+    g.add_argument("--fp_reference", type=Path, default=None, metavar="DIR",
+                   help="keep the FP evaluation in DIR and reuse it in later runs on the same model, windows and tasks")
     g.add_argument("--baseline", choices=["rtn"], default=None, help="also evaluate round-to-nearest at the same bits (data-free)")
     g.add_argument("--tasks", default="", help="comma list of lm-eval zero-shot tasks on the bundled data (" + ",".join(TASKS) + ")")
     g.add_argument("--limit", type=int, default=None, help="at most this many examples per task (per MMLU subject)")
@@ -391,6 +394,9 @@ def check_combination(base: str, ea: EAQuantConfig, mq: MoEQuantConfig, gptq: GP
         raise ConfigError("GPTQ and MoEQuant options quantize; use --method rtn, duquant or eaquant, not fp")
     if base == "fp" and args.save_dir is not None:
         raise ConfigError("--save_dir writes a quantized model; --method fp has none (the checkpoint is the FP model)")
+    if args.fp_reference is not None and args.stream:
+        raise ConfigError("--fp_reference keys the FP evaluation by every weight, which --stream never holds at once; "
+                          "drop one of them")
     if args.stream_dir is not None and not args.stream:
         raise ConfigError("--stream_dir only applies with --stream; add --stream or drop --stream_dir")
     if mq.ebss and args.calib_dataset != "c4" and "calib_dataset" in args.given:
@@ -466,7 +472,8 @@ def _common_sections(args) -> tuple[DataConfig, EvalConfig]:
     data = DataConfig(args.calib_dataset, args.nsamples, args.seqlen, args.route_all_tokens)
     evaluation = EvalConfig(tuple(s for s in args.eval_ppl.split(",") if s), args.ppl_samples, args.eval_batch_size,
                             args.compare_fp, args.baseline, tuple(check_tasks([s.strip() for s in args.tasks.split(",") if s.strip()])),
-                            args.limit, args.plots, args.plot_layer)
+                            args.limit, args.plots, args.plot_layer,
+                            None if args.fp_reference is None else str(args.fp_reference))
     return data, evaluation
 
 

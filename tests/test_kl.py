@@ -59,6 +59,22 @@ def test_quantized_run_records_kl_and_fp_runs_record_none(tmp_path, capsys):
         assert res["kl_fp"] == {} and "KL to FP" not in out
 
 
+def test_fp_reference_is_reused_with_identical_figures_and_rebuilt_when_the_windows_change(tmp_path, capsys):
+    ref = tmp_path / "ref"
+    argv = ["--method", "rtn", "--wbits", "3", "--abits", "4", "--eval_ppl", "wikitext2", "--tasks", "arc_easy",
+            "--limit", "4"]
+    plain, _ = _main(tmp_path / "plain", capsys, *argv)
+    first, _ = _main(tmp_path / "first", capsys, *argv, "--fp_reference", str(ref))
+    second, out = _main(tmp_path / "second", capsys, *argv, "--fp_reference", str(ref))
+    assert "FP evaluation read from" in out and "eval_fp" in first["timings"] and "eval_fp" not in second["timings"]
+    assert first["fp_reference"] == second["fp_reference"] and len(list(ref.iterdir())) == 1
+    for res in (first, second):
+        assert res["ppl_fp"] == plain["ppl_fp"] and res["tasks_fp"] == plain["tasks_fp"]
+        assert res["kl_fp"] == plain["kl_fp"] and res["ppl"] == plain["ppl"]
+    other, out = _main(tmp_path / "other", capsys, *argv, "--ppl_samples", "2", "--fp_reference", str(ref))
+    assert "FP evaluation read from" not in out and len(list(ref.iterdir())) == 2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_stored_states_reproduce_the_fp_logits_bit_for_bit(tmp_path, dtype):
     model, tok = tiny_model("mixtral", dtype=dtype)
