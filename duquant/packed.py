@@ -110,6 +110,11 @@ def _small_ints(zero: torch.Tensor) -> torch.Tensor:
     return as_bytes if torch.equal(as_bytes.to(zero.dtype), zero) else zero
 
 
+# What a saved linear stores of its own; its inner module's other state (a router's buffers) is
+# saved and loaded under its own name like any other parameter.
+LINEAR_TENSORS = ("weight", "bias", "qweight", "scale", "zero", "g_idx")
+
+
 def module_state(root: nn.Module, skip: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Everything needed to rebuild the quantized `root` from its unquantized skeleton (leaving out
     the submodules whose names start with `skip`)."""
@@ -141,6 +146,9 @@ def module_state(root: nn.Module, skip: str | None = None) -> tuple[dict[str, to
                     tensors[f"{name}.g_idx"] = _cpu(qw.g_idx)
             if getattr(m.inner, "bias", None) is not None:
                 tensors[f"{name}.bias"] = _cpu(m.inner.bias)
+            for key, value in m.inner.state_dict().items():  # e.g. a router's score-correction bias
+                if key not in ("weight", "bias"):
+                    tensors[f"{name}.{key}"] = _cpu(value)
             linears[name] = entry
         elif isinstance(m, kvquant.KVQuant):
             owned.append(name + ".")
@@ -180,8 +188,8 @@ def model_state(model: nn.Module, spec: ModelSpec) -> tuple[dict[str, torch.Tens
 def apply_state(root: nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Turn the unquantized skeleton `root` into the saved quantized module (the inverse of `module_state`)."""
     linears = meta["linears"]
-    rest = {k: v for k, v in tensors.items() if not k.startswith("transforms.")
-            and not any(k.startswith(n + ".") for n in linears)}
+    own = {f"{n}.{leaf}" for n in linears for leaf in LINEAR_TENSORS}
+    rest = {k: v for k, v in tensors.items() if not k.startswith("transforms.") and k not in own}
     expected = {k for k in root.state_dict() if not any(k == f"{n}.weight" or k == f"{n}.bias" for n in linears)}
     missing, unexpected = expected - set(rest), set(rest) - expected
     if missing or unexpected:

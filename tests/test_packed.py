@@ -164,3 +164,18 @@ def test_calibration_set_too_small_is_refused():
     _, tok = tiny_model("mixtral")
     with pytest.raises(DataError, match="too small for 1000 x 2048"):
         calibration_segments("c4", tok, 1000, 2048, 0)
+
+
+@pytest.mark.parametrize("arch", ["glm4_moe", "deepseek_v3", "dots1"])
+def test_router_buffers_survive_save_and_load(arch, tmp_path):
+    """A router's persistent buffer (the score-correction bias of GLM-4.5, DeepSeek-V3, dots1) is
+    saved with the quantized router and loaded back (once left out, and the load refused)."""
+    model, tok, x, _ = _quantized(arch, QuantConfig(4, 4, 16))
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn_like(b))
+    save_quantized(model, tok, tmp_path / "q", {})
+    loaded, _, _ = load_quantized(tmp_path / "q")
+    biases = [k for k in packed.read_saved(tmp_path / "q")[1] if k.endswith("e_score_correction_bias")]
+    assert biases and torch.equal(_logits(loaded, x), _logits(model, x))

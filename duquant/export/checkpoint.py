@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
@@ -28,9 +27,7 @@ from models.experts import moe_layer_paths
 from models.files import write_dir_atomically
 from models.spec import ModelSpec, decoder_layers
 
-from ..layerwise import layer_on
-from ..packed import model_state
-from ..qlinear import QLinear
+from ..packed import LINEAR_TENSORS, model_state
 from . import online as online_parts
 from .errors import ACT_ORDER_REFUSED, ExportError
 from .grids import Linear, Plan, Scheme, check_fused_experts, decoded_weight, grid_tensors, packed_tensors, plan, read_linears
@@ -75,23 +72,9 @@ def export_losses(linears: list[Linear], p: Plan, kv: dict, model_type: str) -> 
     return lost
 
 
-def wrapped_buffers(model: nn.Module, spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """The persistent state of quantized modules besides their weight and bias (a router's score-correction
-    bias: GLM-4.5, DeepSeek-V3, ...), which `model_state` leaves out; one decoder layer at a time."""
-    def scan(root: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}{name}.{k}": v.detach().cpu().contiguous() for name, m in root.named_modules()
-                if isinstance(m, QLinear) for k, v in m.inner.state_dict().items() if k not in ("weight", "bias")}
-
-    out = {k: v for k, v in scan(model, "").items() if not k.startswith(spec.layers + ".")}
-    for i in range(len(decoder_layers(model, spec))):
-        with layer_on(model, spec, i, torch.device("cpu")) as layer:
-            out.update(scan(layer, f"{spec.layers}.{i}."))
-    return out
-
-
 def _checkpoint_tensors(tensors: dict, meta: dict, linears: list[Linear], p: Plan, names: KeyNames) -> dict:
-    out = {names.key(k): v for k, v in tensors.items()
-           if k.rpartition(".")[0] not in meta["linears"] and not k.startswith("transforms.")}
+    own = {f"{n}.{leaf}" for n in meta["linears"] for leaf in LINEAR_TENSORS}  # written below, packed
+    out = {names.key(k): v for k, v in tensors.items() if k not in own and not k.startswith("transforms.")}
     for lin in linears:
         e, target = meta["linears"][lin.name], names.module(lin.name)
         grid = p.dense.grid if lin.name in p.dense_names else p.experts if lin.name in p.expert_names else None
@@ -205,7 +188,6 @@ def export_compressed_tensors(model: nn.Module, tokenizer, out_dir: str | Path, 
     check_fused_experts(linears, model.config.model_type)
     p = plan(linears)
     ckpt = _checkpoint_tensors(tensors, meta, linears, p, names)
-    ckpt.update({names.key(k): v for k, v in wrapped_buffers(model, spec).items()})
     qconfig = quantization_config(model, p, linears, names)
     parts = online_parts.collect(model, spec, meta) if online else None
     lost = export_losses(linears, p, {} if online else meta["kv"], model.config.model_type)
