@@ -28,6 +28,9 @@ runs() {
         echo "demo-olmoe/eaquant-$recipe-w4a4-s$seed --model demo-olmoe --recipe eaquant,$recipe --wbits 4 --abits 4 --seed $seed"
       done
     done
+    for seed in $SEEDS; do  # the block size the published EAQuant code needs on this model (its reference runs)
+      echo "demo-olmoe/eaquant-official+block_size=32-w4a4-s$seed --model demo-olmoe --recipe eaquant,official --block_size 32 --wbits 4 --abits 4 --seed $seed"
+    done
   fi
   for model in demo-llama-s demo-llama-m; do
     for w in 4 3; do
