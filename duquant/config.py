@@ -29,7 +29,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "qk_clip": ("none", "lac"),
     "mse_grid": ("coarse", "official"),
     "expert_down_smooth": ("alpha", "outlier_mask"),
-    "fit_order": ("layer", "sequential"),
+    "fit_order": ("sequential", "layer"),
 }
 
 
@@ -127,7 +127,7 @@ class DuQuantConfig:
     rotation_stop: str = "absmax"  # greedy search keeps the prefix with the least max |x|, or max - min
     spreading: str = "uniform"  # spreading matrix: first row 1/sqrt(b), or the published code's matrix
     expert_down_smooth: str = "alpha"  # routed experts' down-in: DuQuant's smoothing, or the published EAQuant outlier mask
-    fit_order: str = "layer"  # rotations fit on the FP layer, or site by site with the earlier sites quantized
+    fit_order: str = "sequential"  # rotations fit site by site with the earlier sites quantized, or all on the FP layer
 
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:

@@ -1,12 +1,15 @@
 """Fitting and applying DuQuant to one decoder layer, site by site (models/sites.py).
 
-Three steps over the layer's declared sites, each complete before the next starts:
+Three steps over the layer's declared sites:
 1. smooth: every site's smoothing vector, folded into its norm / up / value projection (or kept for
    the online transform); the smoothed calibration rows are what the rotations are fit on;
 2. rotate: R1 . P . R2 per site (docs/algorithm.md, section 3), same-width expert sites searched jointly;
 3. wrap: every reader becomes a `QLinear` with the site's transform and its quantizers.
 Smoothing comes first for all sites because folding changes weights that wrapping quantizes
-(o-in folds into v_proj, an attn-in reader). A site whose readers stay at 16 bits is left alone.
+(o-in folds into v_proj, an attn-in reader). Steps 2 and 3 then run depth by depth (the default
+`fit_order="sequential"`): each depth's rows are observed again with the earlier depths wrapped, so
+o-in's rotation fits what quantized q/k/v produce, as the model will run; `"layer"` fits every site on
+the FP layer's rows at once. A site whose readers stay at 16 bits is left alone.
 """
 from __future__ import annotations
 
