@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from duquant.config import DuQuantConfig, QuantConfig
-from duquant import fitting, pipeline
+from duquant import fitting
 from duquant.pipeline import quantize_model
 from duquant.transforms import BlockRotation
 from models import get_spec
