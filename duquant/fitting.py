@@ -333,7 +333,8 @@ def refresh_rows(fits: list[SiteFit], rows: LayerStats, min_tokens: int) -> None
 def fit_and_wrap(view: LayerView, fits: list[SiteFit], lq: LayerQuantizer, info: dict, refresh) -> None:
     """Steps 2 and 3: all sites at once on the FP layer's rows, or (`refresh` given, the published
     code's order) depth by depth (models/sites.py), each depth's rows observed with the earlier
-    depths already wrapped."""
+    depths already wrapped. Under GPTQ those earlier weights are still their transformed FP weights
+    then (GPTQ rounds them after fitting), so only their input quantization is seen."""
     if refresh is None:
         rotate_sites(fits, lq)
         wrap_sites(view, fits, lq, info)
