@@ -295,29 +295,33 @@ def fp_step(run: RunConfig, model, spec, tokenizer, segments: dict, device, resu
     """The FP model's perplexity, tasks and last-layer states, for the comparison with the quantized
     model. With --fp_reference DIR they are kept in DIR under a key of everything that decides them
     (`reference_key`), and a later run with the same key reads them instead of evaluating again."""
-    folder = None
-    if run.eval.fp_reference is not None:
-        settings = {"tasks": run.eval.tasks, "limit": run.eval.limit, "batch": run.eval.eval_batch_size,
-                    "dtype": str(next(model.parameters()).dtype), "device": str(device), **versions()}
-        folder = Path(run.eval.fp_reference) / reference_key(model, segments, settings)
-        if (folder / FP_RESULTS).exists():
-            kept = json.loads((folder / FP_RESULTS).read_text())
-            result["ppl_fp"], result["tasks_fp"], result["fp_reference"] = kept["ppl"], kept["tasks"], str(folder)
-            print(f"FP evaluation read from {folder}")
-            return FPStates.kept(folder) if segments else None
-    if folder is not None:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-    states = FPStates(segments, parent=folder.parent if folder else None) if segments else None
-    result["ppl_fp"], _, result["tasks_fp"], times = evaluate(model, spec, tokenizer, segments, run, device, "FP",
-                                                              keep=states)
-    result["timings"].update({f"{k}_fp": v for k, v in times.items()})
-    if folder is not None:
+    folder = fp_reference_folder(run, model, segments, device)
+    if folder is not None and (folder / FP_RESULTS).exists():
+        print(f"FP evaluation read from {folder}")
+    else:
+        if folder is not None:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+        states = FPStates(segments, parent=folder.parent if folder else None) if segments else None
+        result["ppl_fp"], _, result["tasks_fp"], times = evaluate(model, spec, tokenizer, segments, run, device, "FP",
+                                                                  keep=states)
+        result["timings"].update({f"{k}_fp": v for k, v in times.items()})
+        if folder is None:
+            return states
         keep_fp_reference(folder, states, {"ppl": result["ppl_fp"], "tasks": result["tasks_fp"]})
-        result["fp_reference"] = str(folder)
         if states is not None:
             states.close()
-        return FPStates.kept(folder) if segments else None
-    return states
+    kept = json.loads((folder / FP_RESULTS).read_text())
+    result["ppl_fp"], result["tasks_fp"], result["fp_reference"] = kept["ppl"], kept["tasks"], str(folder)
+    return FPStates.kept(folder) if segments else None
+
+
+def fp_reference_folder(run: RunConfig, model, segments: dict, device) -> Path | None:
+    """DIR/<key> of --fp_reference DIR, or None without it."""
+    if run.eval.fp_reference is None:
+        return None
+    settings = {"tasks": run.eval.tasks, "limit": run.eval.limit, "batch": run.eval.eval_batch_size,
+                "dtype": str(next(model.parameters()).dtype), "device": str(device), **versions()}
+    return Path(run.eval.fp_reference) / reference_key(model, segments, settings)
 
 
 def keep_fp_reference(folder: Path, states: FPStates | None, figures: dict) -> None:
