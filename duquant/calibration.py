@@ -17,7 +17,7 @@ from models.spec import LayerView, ModelSpec
 
 from .config import DuQuantConfig
 from .fp_stats import FPLayerStats, fp_site_statistics
-from .layerwise import advance, capture_layer_inputs, observe
+from .layerwise import advance, capture_layer_inputs, input_hooks, observe
 from .outlier_mask import track_ranges
 from .stats import (LayerStats, collect, expert_down_inputs, hooked_sites, replace_absmax, routed_expert_inputs,
                     take_rotation_rows)
@@ -71,18 +71,14 @@ def fill_expert_rows(layer: nn.Module, view: LayerView, stats: LayerStats, seqs:
     kept = {m: [] if stats[m].sample is None else [stats[m].sample] for m in hooks}
     count = {m: sum(r.shape[0] for r in kept[m]) for m in hooks}
 
-    def take(module, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1])[: max(budget - count[module], 0)]
+    def take(module, x):
+        x = x.detach().reshape(-1, x.shape[-1])[: max(budget - count[module], 0)]
         if x.shape[0]:
             kept[module].append(x.to("cpu", torch.promote_types(x.dtype, torch.float32)))
             count[module] += x.shape[0]
 
-    handles = [m.register_forward_pre_hook(take) for m in hooks]
-    try:
+    with input_hooks(hooks, take):
         observe(layer, seqs, kwargs)
-    finally:
-        for h in handles:
-            h.remove()
     for m in hooks:
         if kept[m]:
             stats[m].sample = torch.cat(kept[m])[:budget]

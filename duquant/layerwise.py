@@ -128,6 +128,18 @@ def advance(layer: nn.Module, hidden: list[torch.Tensor], kwargs: dict) -> list[
     return hidden
 
 
+@contextmanager
+def input_hooks(modules, fn):
+    """fn(module, x) on the input x of every call of each of `modules` while the block runs; the hooks
+    are removed on exit, whatever happens inside."""
+    handles = [m.register_forward_pre_hook(lambda mod, args: fn(mod, args[0])) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def windows(hidden: list[torch.Tensor]):
     """The windows of a batched activation list, one [seqlen, hidden] tensor at a time."""
     return (w for batch in hidden for w in batch)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .layerwise import input_hooks
+
 QUANTILE = 0.65
 POWER = 0.7
 FENCE = 1.5  # Tukey's fence, in IQRs
@@ -51,12 +53,8 @@ class ChannelRange:
 def track_ranges(modules: list[nn.Module]):
     """{module: ChannelRange} of the inputs of `modules` while the block runs; hooks removed on exit."""
     ranges = {m: ChannelRange() for m in modules}
-    handles = [m.register_forward_pre_hook(lambda mod, args: ranges[mod].update(args[0])) for m in modules]
-    try:
+    with input_hooks(modules, lambda mod, x: ranges[mod].update(x)):
         yield ranges
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _variance(v: torch.Tensor) -> torch.Tensor:

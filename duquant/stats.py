@@ -16,6 +16,8 @@ from models.routing import RoutingFunction, expert_counts
 from models.sites import layer_sites
 from models.spec import LayerView
 
+from .layerwise import input_hooks
+
 
 @dataclass
 class InputStats:
@@ -117,15 +119,16 @@ def collect(modules: list[nn.Module], router: nn.Module | None, num_experts: int
     """Hooks on `modules` (inputs) and `router` (routing, read through `routing`), always removed on exit."""
     gen = torch.Generator().manual_seed(seed)
     stats = LayerStats({m: InputStats(cap, gen) for m in modules})
-    handles = [m.register_forward_pre_hook(lambda mod, args: stats.update_input(mod, args[0])) for m in modules]
+    handle = None
     if router is not None:
         stats.router = RouterStats(num_experts, routing=routing)
-        handles.append(router.register_forward_hook(lambda mod, args, out: stats.update_router(out)))
+        handle = router.register_forward_hook(lambda mod, args, out: stats.update_router(out))
     try:
-        yield stats
+        with input_hooks(modules, stats.update_input):
+            yield stats
     finally:
-        for h in handles:
-            h.remove()
+        if handle is not None:
+            handle.remove()
 
 
 def hooked_sites(view: LayerView) -> list[nn.Module]:
