@@ -12,7 +12,8 @@
 #     TASK_LIMIT=0 bash run_experiments.sh                   # the paper's checkpoints and settings on a GPU
 #
 # Every calibration-dependent run is repeated for each seed in SEEDS and reported as mean ± std;
-# ABLATION_SEEDS (default: SEEDS) narrows the single-knob ablations of Tables 4-7 and the MoEQuant runs.
+# ABLATION_SEEDS (default: SEEDS) narrows the single-knob ablations of Tables 4-7 and the MoEQuant runs;
+# ABLATIONS=0 stops after Tables 1-3 (FP, RTN, DuQuant, EAQuant and each of its components).
 # TASKS (default the paper's five) are lm-eval zero-shot tasks, at most TASK_LIMIT examples each
 # (0 = all); TASKS= skips them. Beside another CPU job, run with OMP_NUM_THREADS=1.
 # Every quantized run also compares with the FP model on the same windows (main.py's --compare_fp) for its
@@ -45,6 +46,7 @@ else
   EBSS="--nsamples 16 --seqlen 256 --tau 1.2,1.0,0.5 --width 1,2,4"
 fi
 ABLATION_SEEDS=${ABLATION_SEEDS:-$SEEDS}
+ABLATIONS=${ABLATIONS:-1}
 TASKS=${TASKS:-arc_challenge,arc_easy,boolq,piqa,winogrande}
 ZS=""
 [ -n "$TASKS" ] && ZS="--tasks $TASKS"
@@ -80,6 +82,7 @@ for model in $MODELS; do
       run "cb-w${w}a4-s$seed" --recipe duquant --calib_balance $q $ZS
     done
   done
+  [ "$ABLATIONS" = 0 ] && continue
   # RTN W4A16 fits nothing, so it runs once (the seed only picks the calibration text its
   # routing diagnostics are measured on).
   run "rtn-w4a16" --recipe rtn --wbits 4 --abits 16 --seed "${ABLATION_SEEDS%% *}" $ZS
