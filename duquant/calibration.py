@@ -128,15 +128,19 @@ def site_rows(model, spec: ModelSpec, layer: nn.Module, view: LayerView, data: C
               seed: int, route_all: bool, hooks: list[nn.Module], fill: tuple | None = None) -> LayerStats:
     """The rotation rows of `hooks` in the layer as it is now (`fit_order="sequential"`): drawn as
     `layer_statistics` draws them (the rotation sequence, or a sample of the calibration inputs with
-    the expert-only extra data), topped up by `fill` the same way."""
+    the expert-only extra data, which only routed experts' sites read), topped up by `fill` the same
+    way. Attention-only hooks stop each batch's forward after the attention."""
     rot = rotation_sequence(data, cfg)
     cap = rot[0].shape[1] if rot else cfg.rotation_tokens
+    inside_attention = set(view.attn.modules())
+    until = view.attn if all(h in inside_attention for h in hooks) else None
+    routed = routed_expert_inputs(view) & set(hooks)
     with collect(hooks, None, 0, cap, seed) as rows, _routing(model, spec, view, route_all):
-        observe(layer, rot or data.inps, data.kwargs)
-        if not rot and data.extra and view.is_moe:
-            rows.frozen = {m for m in rows.inputs if m not in routed_expert_inputs(view)}
+        observe(layer, rot or data.inps, data.kwargs, until)
+        if not rot and data.extra and routed:
+            rows.frozen = set(rows.inputs) - routed
             observe(layer, data.extra, data.kwargs)
-    if fill is not None and view.is_moe:
+    if fill is not None and routed:
         with _routing(model, spec, view, route_all):
             fill_expert_rows(layer, view, rows, fill[0], data.kwargs, fill[1])
     return rows

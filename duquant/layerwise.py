@@ -112,11 +112,24 @@ def _forward(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def observe(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> None:
+def observe(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, until: nn.Module | None = None) -> None:
     """Runs the layer over every batch of `inputs` for the hooks on it; each output is dropped as
-    soon as it exists (keeping them would hold a second copy of the calibration activations)."""
-    for x in inputs:
-        _forward(layer, x, kwargs)
+    soon as it exists (keeping them would hold a second copy of the calibration activations).
+    With `until`, each batch stops once that submodule has run: a pass whose hooks all sit inside
+    it (attention-only sites) then skips the MLP or MoE, most of a layer's work."""
+    def stop(*_):
+        raise _Stop
+
+    handle = until.register_forward_hook(stop) if until is not None else None
+    try:
+        for x in inputs:
+            try:
+                _forward(layer, x, kwargs)
+            except _Stop:
+                pass
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 @torch.no_grad()

@@ -350,3 +350,40 @@ def test_sequential_fitting_sees_the_earlier_sites_quantized(monkeypatch):
     layer, seq = seen["layer"], seen["sequential"]
     assert torch.equal(layer["attn_in"], seq["attn_in"])
     assert not torch.allclose(layer["o_in"], seq["o_in"]) and not torch.allclose(layer["down_in"], seq["down_in"])
+
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+def test_refresh_rows_are_a_full_pass_rows_while_attention_only_passes_skip_the_mlp(arch):
+    """Sequential fitting's refresh (`site_rows`) stops attention-only passes after the attention and
+    observes the expert-only extra data only for routed experts' sites: the rows and counts must be
+    exactly those of a full pass over both sets."""
+    from duquant.calibration import calibration, site_rows
+    from duquant.layerwise import observe
+    from duquant.stats import routed_expert_inputs
+    from models.sites import layer_sites
+    model, tok = tiny_model(arch)
+    spec = get_spec(model)
+    calib, _ = tiny_data(tok, nsamples=3)
+    extra, _ = tiny_data(tok, nsamples=2)
+    cfg = DuQuantConfig(**FAST, rotation_tokens=40)
+    data = calibration(model, spec, calib, extra, cfg, torch.device("cpu"), False)  # layer 0's inputs serve any layer
+    index = next(i for i in range(model.config.num_hidden_layers) if spec.is_moe_layer(model.config, i))
+    unfuse_experts(model, spec, index)
+    layer = decoder_layers(model, spec)[index]
+    view = resolve(spec, layer, model.config, index)
+    mlp_calls = []
+    handle = view.mlp.register_forward_hook(lambda *_: mlp_calls.append(1))
+    sites = layer_sites(view)
+    for depth in sorted({s.depth for s in sites}):
+        hooks = [s.hook for s in sites if s.depth == depth]
+        mlp_calls.clear()
+        got = site_rows(model, spec, layer, view, data, cfg, 7, False, hooks)
+        assert (not mlp_calls) == (depth < sites[-1].depth - 1)  # attention depths skip the MoE
+        with collect(hooks, None, 0, cfg.rotation_tokens, 7) as want:
+            observe(layer, data.inps, data.kwargs)
+            want.frozen = set(hooks) - routed_expert_inputs(view)
+            observe(layer, data.extra, data.kwargs)
+        for h in hooks:
+            assert got[h].count == want[h].count and torch.equal(got[h].sample, want[h].sample)
+    handle.remove()
