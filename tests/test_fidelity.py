@@ -352,7 +352,6 @@ def test_sequential_fitting_sees_the_earlier_sites_quantized(monkeypatch):
     assert not torch.allclose(layer["o_in"], seq["o_in"]) and not torch.allclose(layer["down_in"], seq["down_in"])
 
 
-
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
 def test_refresh_rows_are_a_full_pass_rows_while_attention_only_passes_skip_the_mlp(arch):
     """Sequential fitting's refresh (`site_rows`) stops attention-only passes after the attention and
