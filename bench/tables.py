@@ -8,6 +8,11 @@ of its table, pure DuQuant at the same bits unless the table says otherwise. Acc
 `acc` per task; Avg is their mean in percent, as the papers print it. KL and top-1 are each set's mean
 token KL(p_fp || p_quant) and top-1 agreement with FP (results.json `kl_fp`, docs/evaluation.md);
 runs without them (--no-compare_fp, older results) show '-'.
+
+After the tables, one verdict table per model says for each claim (a method against what it should
+beat) whether the difference holds beyond the seed spread: "lower" or "higher" when the two rows' seed
+ranges [min, max] do not overlap (a single run is a point: RTN and FP do not depend on the seed), "within"
+when they do; two single runs have no spread to compare with.
 """
 from __future__ import annotations
 
@@ -61,6 +66,21 @@ TABLES = [
            ("GPTQ + AGQ (gutenberg)", "agq-gutenberg-w4a16"), ("MoEQuant: EBSS + AGQ, gate AGQ off (R5)", "moequant-nogate-w4a16"),
            ("MoEQuant: EBSS + AGQ", "moequant-w4a16")], "gptq-w4a16",
           "MoEQuant is weight-only, so its rows are diffed against plain GPTQ W4A16 on the same run, not DuQuant."),
+]
+# (claim, run key, reference run key); every pair present in a model's runs gets a verdict row.
+CLAIMS = [(f"{name} {bits.upper()}", f"{key}-{bits}", f"{ref}-{bits}") for bits in ("w4a4", "w3a4")
+          for name, key, ref in (("DuQuant vs RTN", "duquant", "rtn"), ("EAQuant vs DuQuant", "eaquant", "duquant"),
+                                 ("smooth_aggregate vs DuQuant", "sa", "duquant"),
+                                 ("router_align vs DuQuant", "ra", "duquant"),
+                                 ("calib_balance vs DuQuant", "cb", "duquant"))] + [
+    ("expert_frequency vs maximum aggregation W4A4", "saf-w4a4", "sa-w4a4"),
+    ("router_logits vs maximum aggregation W4A4", "sal-w4a4", "sa-w4a4"),
+    ("router W3A4: align vs none", "r3ra-w3a4", "r3-w3a4"),
+    ("router W4A4: align vs none", "r4ra-w3a4", "r4-w3a4"),
+] + [(f"kl_top {k} vs top-k only W4A4", f"kl{k}-w4a4", "ra-w4a4") for k in (25, 50, 75, 100)] + [
+    (f"calib_balance r = {r} vs r = 2 W4A4", f"cb{r}-w4a4", "cb-w4a4") for r in (1, 4, 8)] + [
+    ("GPTQ + AGQ vs GPTQ W4A16", "agq-c4-w4a16", "gptq-w4a16"),
+    ("MoEQuant vs GPTQ W4A16", "moequant-w4a16", "gptq-w4a16"),
 ]
 SEEDED = re.compile(r"^(?P<key>.+)-s(?P<seed>\d+)$")
 
@@ -175,12 +195,40 @@ def agq_cosine_table(runs: dict[str, list[dict]]) -> list[str]:
             "| cosine | " + " | ".join(f"{statistics.fmean(per_c[c]):.4f}" for c in cs) + " |", ""]
 
 
+def verdict(values: list[float], reference: list[float], digits: int) -> str:
+    """Difference of means, and whether the two seed ranges are apart ("lower"/"higher") or overlap."""
+    delta = statistics.fmean(values) - statistics.fmean(reference)
+    if len(values) == len(reference) == 1:
+        side = "(one run each)"
+    else:
+        side = "lower" if max(values) < min(reference) else "higher" if min(values) > max(reference) else "within"
+    return f"{delta:+.{digits}f} {side}"
+
+
+def claims_table(runs: dict[str, list[dict]]) -> list[str]:
+    present = [(claim, runs[key], runs[ref]) for claim, key, ref in CLAIMS if key in runs and ref in runs]
+    if not present:
+        return []
+    sets = sorted({s for _, rs, _ in present for s in rs[0]["ppl"]}, key=["wikitext2", "c4", "gutenberg"].index)
+    head = ["claim", "seeds"] + [f"KL {s}" for s in sets] + [f"ppl {s}" for s in sets]
+    out = ["#### Claims: difference of means, and whether the seed ranges are apart", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for claim, rs, base in present:
+        cells = [claim, f"{len(rs)} vs {len(base)}"]
+        for s in sets:
+            kl = [[r["kl_fp"][s]["mean"] for r in group if s in (r.get("kl_fp") or {})] for group in (rs, base)]
+            cells.append(verdict(*kl, 4) if all(len(k) == len(g) for k, g in zip(kl, (rs, base))) else "-")
+        cells += [verdict([r["ppl"][s] for r in rs], [r["ppl"][s] for r in base], 2) for s in sets]
+        out.append("| " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def model_section(model_dir: Path) -> str:
     runs = load_runs(model_dir)
     out = [f"### {model_dir.name}", ""]
     for table in TABLES:
         out += ppl_table(table, runs)
-    out += ebss_tables(model_dir) + agq_cosine_table(runs)
+    out += ebss_tables(model_dir) + agq_cosine_table(runs) + claims_table(runs)
     return "\n".join(out)
 
 

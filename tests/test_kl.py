@@ -189,6 +189,23 @@ def test_memory_does_not_grow_with_the_fp_logits(tmp_path):
     assert kept >= 6 * logits_bytes  # the meter sees retained logits
 
 
+def test_claims_say_whether_seed_ranges_are_apart():
+    from bench.tables import claims_table
+
+    runs = {"rtn-w4a4": [_run_result(12.0, 0.10, 0.5)],
+            "duquant-w4a4": [_run_result(11.0, 0.02, 0.9), _run_result(11.2, 0.04, 0.8)],
+            "eaquant-w4a4": [_run_result(10.8, 0.01, 0.9), _run_result(10.9, 0.015, 0.9)],
+            "sa-w4a4": [_run_result(11.1, 0.03, 0.9), _run_result(10.8)],  # one run without KL
+            "ra-w4a4": [_run_result(11.1, 0.03, 0.9), _run_result(11.3, 0.05, 0.9)]}
+    lines = claims_table(runs)
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in lines[4:-1]}
+    assert rows["DuQuant vs RTN W4A4"] == ["2 vs 1", "-0.0700 lower", "-0.90 lower"]
+    assert rows["EAQuant vs DuQuant W4A4"] == ["2 vs 2", "-0.0175 lower", "-0.25 lower"]
+    assert rows["router_align vs DuQuant W4A4"] == ["2 vs 2", "+0.0100 within", "+0.10 within"]
+    assert rows["smooth_aggregate vs DuQuant W4A4"] == ["2 vs 2", "-", "-0.15 within"]
+    assert "calib_balance vs DuQuant W4A4" not in rows  # no runs, no row
+
+
 def _run_result(ppl: float, kl: float | None = None, top1: float | None = None) -> dict:
     res = {"ppl": {"wikitext2": ppl}, "timings": {}}
     if kl is not None:
