@@ -225,9 +225,12 @@ def claims_table(runs: dict[str, list[dict]]) -> list[str]:
 
 def model_section(model_dir: Path) -> str:
     runs = load_runs(model_dir)
-    out = [f"### {model_dir.name}", ""]
-    for table in TABLES:
-        out += ppl_table(table, runs)
+    out, shown = [f"### {model_dir.name}", ""], set()
+    for table in TABLES:  # a table whose runs all stand in earlier tables adds nothing (a partial sweep)
+        keys = {key for _, key in table.rows if key in runs}
+        if keys - shown:
+            out += ppl_table(table, runs)
+        shown |= keys
     out += ebss_tables(model_dir) + agq_cosine_table(runs) + claims_table(runs)
     return "\n".join(out)
 

@@ -206,6 +206,19 @@ def test_claims_say_whether_seed_ranges_are_apart():
     assert "calib_balance vs DuQuant W4A4" not in rows  # no runs, no row
 
 
+def test_tables_whose_runs_all_stand_earlier_are_left_out(tmp_path):
+    import json
+
+    from bench.tables import model_section
+
+    for name, ppl in (("duquant-w4a4-s0", 11.0), ("sa-w4a4-s0", 10.9)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(_run_result(ppl, 0.02, 0.9)))
+    titles = [line for line in model_section(tmp_path).splitlines() if line.startswith("#### ")]
+    assert titles[:2] == ["#### Table 1: W4A4, router W8A8", "#### Table 3 at W4A4 (not in the paper)"]
+    assert not any("Table 4" in t for t in titles)  # its DuQuant and maximum rows are Table 3's
+
+
 def _run_result(ppl: float, kl: float | None = None, top1: float | None = None) -> dict:
     res = {"ppl": {"wikitext2": ppl}, "timings": {}}
     if kl is not None:
