@@ -108,9 +108,19 @@ def agreement(res: dict) -> float | None:
     return (res.get("router") or {}).get("mean_topk_agreement")
 
 
+def eval_sets(groups: list[list[dict]]) -> list[str]:
+    """The perplexity sets of the first run of each group, in the papers' order."""
+    return sorted({s for rs in groups for s in rs[0]["ppl"]}, key=["wikitext2", "c4", "gutenberg"].index)
+
+
+def kl_values(rs: list[dict], dataset: str, key: str) -> list[float]:
+    """A `kl_fp` figure of each run that measured it (older runs and --no-compare_fp have none)."""
+    return [r["kl_fp"][dataset][key] for r in rs if dataset in (r.get("kl_fp") or {})]
+
+
 def fp_divergence(rs: list[dict], dataset: str, key: str, scale: float, digits: int) -> str:
     """A `kl_fp` figure over the runs that measured it; '(n of N)' when only some did."""
-    values = [scale * r["kl_fp"][dataset][key] for r in rs if dataset in (r.get("kl_fp") or {})]
+    values = [scale * v for v in kl_values(rs, dataset, key)]
     if not values:
         return "-"
     return fmt(values, digits) + ("" if len(values) == len(rs) else f" ({len(values)} of {len(rs)})")
@@ -131,7 +141,7 @@ def ppl_table(table: Table, runs: dict[str, list[dict]]) -> list[str]:
     present = [(label, runs[key]) for label, key in table.rows if key in runs]
     if not present:
         return []
-    sets = sorted({s for _, rs in present for s in rs[0]["ppl"]}, key=["wikitext2", "c4", "gutenberg"].index)
+    sets = eval_sets([rs for _, rs in present])
     tasks = sorted({t for _, rs in present for t in accuracies(rs[0])})
     base = runs.get(table.base)
     cols = sets + [f"KL {s}" for s in sets] + [f"top-1 {s} (%)" for s in sets] + tasks + (["Avg"] if tasks else [])
@@ -209,15 +219,15 @@ def claims_table(runs: dict[str, list[dict]]) -> list[str]:
     present = [(claim, runs[key], runs[ref]) for claim, key, ref in CLAIMS if key in runs and ref in runs]
     if not present:
         return []
-    sets = sorted({s for _, rs, _ in present for s in rs[0]["ppl"]}, key=["wikitext2", "c4", "gutenberg"].index)
+    sets = eval_sets([rs for _, rs, _ in present])
     head = ["claim", "seeds"] + [f"KL {s}" for s in sets] + [f"ppl {s}" for s in sets]
     out = ["#### Claims: difference of means, and whether the seed ranges are apart", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for claim, rs, base in present:
         cells = [claim, f"{len(rs)} vs {len(base)}"]
         for s in sets:
-            kl = [[r["kl_fp"][s]["mean"] for r in group if s in (r.get("kl_fp") or {})] for group in (rs, base)]
-            cells.append(verdict(*kl, 4) if all(len(k) == len(g) for k, g in zip(kl, (rs, base))) else "-")
+            kl, kl_base = kl_values(rs, s, "mean"), kl_values(base, s, "mean")
+            cells.append(verdict(kl, kl_base, 4) if len(kl) == len(rs) and len(kl_base) == len(base) else "-")
         cells += [verdict([r["ppl"][s] for r in rs], [r["ppl"][s] for r in base], 2) for s in sets]
         out.append("| " + " | ".join(cells) + " |")
     return out + [""]
