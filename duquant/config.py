@@ -61,7 +61,7 @@ class QuantConfig:
     a_sym: bool = False
     swc: float = 0.8  # weight clip ratio
     lac: float = 0.9  # activation clip ratio
-    w_clip: str = "minmax"  # or "mse": per-row clip-ratio search; "act_mse": the same, error weighted by input energy
+    w_clip: str = "minmax"  # or "mse": per-row clip-ratio search
     act_range: str = "with_zero"  # or "minmax": a token's range need not contain 0 (published code)
     weight_range: str = "with_zero"  # or "minmax": the same for a weight row
     qk_clip: str = "none"  # or "lac": Q and K (KV quantization) clipped by lac too (published code); V never
@@ -80,8 +80,8 @@ class QuantConfig:
         for name in ("swc", "lac"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ConfigError(f"--{name} {getattr(self, name)} must be in (0, 1]")
-        if self.w_clip not in ("minmax", "mse", "act_mse"):
-            raise ConfigError(f"--w_clip {self.w_clip!r}: choose minmax, mse or act_mse")
+        if self.w_clip not in ("minmax", "mse"):
+            raise ConfigError(f"--w_clip {self.w_clip!r}: choose minmax or mse")
         for name in QUANT_CHOICES:
             check_choice(name, getattr(self, name))
 

@@ -98,9 +98,9 @@ class LayerQuantizer:
         # are listed here and rounded by `duquant.gptq_layer` once their Hessians are known.
         self.deferred: list[tuple[QLinear, WeightQuantizer]] | None = [] if defer else None
 
-    def weight_quantizer(self, bits: int, col_weight: torch.Tensor | None = None) -> WeightQuantizer:
+    def weight_quantizer(self, bits: int) -> WeightQuantizer:
         q = self.q
-        return WeightQuantizer(bits, q.w_sym, q.swc, q.w_clip, q.weight_with_zero, q.mse_grid, col_weight)
+        return WeightQuantizer(bits, q.w_sym, q.swc, q.w_clip, q.weight_with_zero, q.mse_grid)
 
     def act_quant(self, bits: int) -> ActQuantizer:
         return ActQuantizer(bits, self.q.a_sym, self.q.lac, self.q.act_with_zero)
@@ -149,10 +149,10 @@ class LayerQuantizer:
         return [st[0] if len(st) == 1 else Compose(st) for st in steps]
 
     def wrap(self, owner: tuple[nn.Module, str], site: SiteInput | None, wbits: int, abits: int,
-             quantized: QuantizedWeight | None = None, col_weight: torch.Tensor | None = None) -> None:
+             quantized: QuantizedWeight | None = None) -> None:
         parent, name = owner
         inner = getattr(parent, name)
-        w_quant = self.weight_quantizer(wbits, col_weight)
+        w_quant = self.weight_quantizer(wbits)
         if self.deferred is not None and quantized is None and wbits < 16:
             qlinear = QLinear(inner, site, self.act_quant(abits), KEEP_FP)
             self.deferred.append((qlinear, w_quant))
@@ -285,13 +285,12 @@ def _owners(root: nn.Module) -> dict[nn.Module, tuple[nn.Module, str]]:
     return out
 
 
-def wrap_router(view: LayerView, fit: SiteFit, lq: LayerQuantizer, owner, site: SiteInput | None, info: dict,
-                energy: torch.Tensor | None) -> None:
+def wrap_router(view: LayerView, fit: SiteFit, lq: LayerQuantizer, owner, site: SiteInput | None, info: dict) -> None:
     """The router is quantized on its own bits, by the router-quantizer extension if one is given
     (it sees the transformed FP weight and a sample of transformed router inputs)."""
     q, t = lq.q, fit.transform
     if lq.ext.quantize_router is None or q.router_wbits >= 16:
-        lq.wrap(owner, site, q.router_wbits, q.router_abits, col_weight=energy)
+        lq.wrap(owner, site, q.router_wbits, q.router_abits)
         return
     router_w = view.router.weight.detach().float().cpu()  # alignment runs beside its CPU statistics
     router_w_t = t.weight(router_w) if t is not None else router_w
@@ -300,28 +299,17 @@ def wrap_router(view: LayerView, fit: SiteFit, lq: LayerQuantizer, owner, site: 
     lq.wrap(owner, site, q.router_wbits, q.router_abits, quantized=quantized)
 
 
-def input_energy(fit: SiteFit, q: QuantConfig) -> torch.Tensor | None:
-    """Mean square per channel of the site's calibration rows as its readers see them (after the
-    transform): the column weights of `w_clip="act_mse"`, None under any other clip rule."""
-    if q.w_clip != "act_mse" or fit.x is None:
-        return None
-    t = fit.transform
-    x = t.act(fit.x) if t is not None else fit.x
-    return x.double().pow(2).mean(0).cpu()
-
-
 def wrap_sites(view: LayerView, fits: list[SiteFit], lq: LayerQuantizer, info: dict) -> None:
     """Every reader of a site gets the site's one `SiteInput`, so T(x) is computed once per input."""
     owners = _owners(view.layer)
     for fit in fits:
         t = fit.transform
         site = SiteInput(t, fit.site.hook.weight.shape[1]) if t is not None else None
-        energy = input_energy(fit, lq.q)
         for reader in fit.site.readers:
             if reader is view.router:
-                wrap_router(view, fit, lq, owners[reader], site, info, energy)
+                wrap_router(view, fit, lq, owners[reader], site, info)
             else:
-                lq.wrap(owners[reader], site, *lq.reader_bits(view, reader), col_weight=energy)
+                lq.wrap(owners[reader], site, *lq.reader_bits(view, reader))
 
 
 def channel_profile(fit: SiteFit) -> dict:

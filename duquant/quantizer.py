@@ -94,7 +94,7 @@ def fake_quant(x: torch.Tensor, bits: int, sym: bool = False, clip: float | torc
 
 def mse_clip_search(
     w: torch.Tensor, bits: int, sym: bool = False, grid: int = 20, min_ratio: float = 0.35, with_zero: bool = True,
-    ascending: bool = False, col_weight: torch.Tensor | None = None,
+    ascending: bool = False,
 ) -> torch.Tensor:
     """Per-row clip ratio in [min_ratio, 1] with the smallest squared reconstruction error, [..., 1].
 
@@ -102,18 +102,14 @@ def mse_clip_search(
     optimal for the arithmetic that is actually applied. The grid starts at 1.0 and only a
     strict improvement replaces the incumbent, so no row ends up worse than plain min/max;
     `ascending` scans from min_ratio up instead (the published EAQuant code: ties keep the
-    smaller ratio). `col_weight` [in] weights each input column's error by the mean square of the
-    activation it multiplies, so the ratio minimises the expected output error of the row
-    (E[(x . (w - q))^2] with the cross terms dropped) instead of the weight error: plain MSE
-    clips the large columns that smoothing created for outlier channels as readily as any other.
+    smaller ratio).
     """
     work = _work_dtype(w)
     w_ref = w.to(work)
     best_err = torch.full((*w.shape[:-1], 1), float("inf"), dtype=work, device=w.device)
     best_ratio = torch.ones_like(best_err)
     for ratio in torch.linspace(min_ratio, 1.0, grid).tolist() if ascending else torch.linspace(1.0, min_ratio, grid).tolist():
-        err = (fake_quant(w, bits, sym, ratio, with_zero).to(work) - w_ref).pow(2)
-        err = (err if col_weight is None else err * col_weight.to(work)).sum(-1, keepdim=True)
+        err = (fake_quant(w, bits, sym, ratio, with_zero).to(work) - w_ref).pow(2).sum(-1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
@@ -180,18 +176,13 @@ def quantize_with_grid(w: torch.Tensor, bits: int, sym: bool, clip: float | torc
     return QuantizedWeight(weight, bits, sym, scale, zero)
 
 
-W_CLIPS = ("minmax", "mse", "act_mse")
-
-
 @dataclass
 class WeightQuantizer:
     """Static per-output-channel quantizer for a weight [out, in] (after its transform).
 
     clip="minmax" scales each row's range by `clip_ratio` (DuQuant's swc); clip="mse"
-    ignores `clip_ratio` and uses the per-row ratio from `mse_clip_search`; clip="act_mse" does
-    the same with each column's error weighted by `col_weight`, the mean square of the (transformed)
-    calibration input that column multiplies. `with_zero` forces 0 into each row's range (see
-    `quant_params`).
+    ignores `clip_ratio` and uses the per-row ratio from `mse_clip_search`. `with_zero` forces 0
+    into each row's range (see `quant_params`).
     """
 
     bits: int = 4
@@ -200,22 +191,17 @@ class WeightQuantizer:
     clip: str = "minmax"
     with_zero: bool = True
     mse_grid: str = "coarse"  # "coarse": 20 ratios from 1.0 down; "official": 101 ratios from 0.35 up
-    col_weight: torch.Tensor | None = None  # [in], clip="act_mse" only
 
     def __post_init__(self):
         check_bits("bits", self.bits)
-        if self.clip not in W_CLIPS:
-            raise ValueError(f"clip must be one of {', '.join(W_CLIPS)}, got {self.clip!r}")
-        if self.clip == "act_mse" and self.bits < 16 and self.col_weight is None:
-            raise ValueError("clip='act_mse' needs col_weight, the mean square of the input per column")
+        if self.clip not in ("minmax", "mse"):
+            raise ValueError(f"clip must be 'minmax' or 'mse', got {self.clip!r}")
 
     def _ratio(self, w: torch.Tensor) -> float | torch.Tensor:
-        if self.clip == "minmax":
-            return self.clip_ratio
-        fine = self.mse_grid == "official"
-        weight = self.col_weight.to(w.device) if self.clip == "act_mse" else None
-        return mse_clip_search(w, self.bits, self.sym, 101 if fine else 20, with_zero=self.with_zero, ascending=fine,
-                               col_weight=weight)
+        if self.clip == "mse":
+            fine = self.mse_grid == "official"
+            return mse_clip_search(w, self.bits, self.sym, 101 if fine else 20, with_zero=self.with_zero, ascending=fine)
+        return self.clip_ratio
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
         return self.quantize(w).weight

@@ -21,8 +21,8 @@ import torch
 from duquant.config import CHOICES, QUANT_CHOICES, ConfigError, DuQuantConfig, GPTQConfig, QuantConfig, check_bits
 from duquant.data import CALIB_DATASETS, PPL_DATASETS
 from duquant.packed import QuantizedLoadError
-from duquant.recipes import (EAQUANT_COMPONENTS, METHOD_RECIPES, MOEQUANT_COMPONENTS, describe_recipes,
-                             recipe_values, split_recipes)
+from duquant.recipes import (EAQUANT_COMPONENTS, METHOD_RECIPES, MOEQUANT_COMPONENTS, default_weight_clip,
+                             describe_recipes, recipe_values, split_recipes)
 from duquant.zeroshot import TASKS, check_tasks
 from models import DEFAULT_MODEL
 
@@ -189,8 +189,7 @@ def _quantization(p: argparse.ArgumentParser, show_all: bool) -> None:
     g.add_argument("--router_abits", type=int, default=None, help=h("default 8, or 16 when wbits and abits are 16"))
     g.add_argument("--swc", type=float, default=0.8, help=h("weight clip ratio"))
     g.add_argument("--lac", type=float, default=0.9, help=h("activation clip ratio"))
-    g.add_argument("--w_clip", choices=["minmax", "mse", "act_mse"], default="minmax",
-                   help=h("weight clip: fixed ratio, per-row MSE search, or the search weighted by input energy"))
+    g.add_argument("--w_clip", choices=["minmax", "mse"], default="minmax", help=h("weight clip: fixed ratio or per-row MSE search"))
     g.add_argument("--w_sym", action="store_true", help=h("symmetric weight grid"))
     g.add_argument("--a_sym", action="store_true", help=h("symmetric activation grid"))
     g = p.add_argument_group("duquant")
@@ -272,6 +271,8 @@ def resolve_recipes(args, given: set[str]) -> tuple[str, str]:
     base = values.pop("method")
     args.method = METHOD_RECIPES[args.method]["method"] if "method" in given else base
     _fill(args, values, given)
+    if args.method == "duquant":
+        _fill(args, default_weight_clip(args.wbits), given)
     if args.eaquant:
         _fill(args, {k: v for k, v in METHOD_RECIPES["eaquant"].items() if k in EAQUANT_COMPONENTS}, given)
     if args.moequant:
@@ -509,23 +510,7 @@ def build_config(argv: list[str]) -> RunConfig:
                        None, args.resume, args.stream, None if args.stream_dir is None else str(args.stream_dir))
     run = RunConfig(args.model, method, args.method, recipe, args.seed, args.device, args.dtype, data, quant, duq,
                     ea, mq, gptq, evaluation, out, kv_bits_given="kv_bits" in given)
-    run = apply_sets(run, args.set)
-    check_weight_clip(run)
-    return run
-
-
-def check_weight_clip(run: RunConfig) -> None:
-    """`--w_clip act_mse` weighs the error by the calibration rows the transforms are fitted on:
-    without transforms there are none, and GPTQ (which reorders and groups columns) minimises the
-    output error itself."""
-    if run.quant is None or run.quant.w_clip != "act_mse":
-        return
-    if not run.duquant.fits_transforms:
-        raise ConfigError("--w_clip act_mse weighs by the inputs the transforms are fitted on, and this run fits none; "
-                          "use --w_clip mse (or minmax)")
-    if run.gptq is not None:
-        raise ConfigError("--w_clip act_mse does not combine with GPTQ, which minimises the output error itself; "
-                          "use --w_clip mse or minmax with --gptq")
+    return apply_sets(run, args.set)
 
 
 def saved_label(saved: dict, path: Path, given_bits=()) -> tuple[str, int, int]:
