@@ -279,12 +279,13 @@ def save_step(run: RunConfig, model, tokenizer, result: dict) -> None:
 
 def baseline_step(run: RunConfig, model, spec, tokenizer, segments: dict, fp_states, device, result: dict) -> None:
     """--baseline rtn: a copy of the FP model, round-to-nearest at the run's bits (data-free, seconds),
-    evaluated on the same windows, so the table shows what the method recovers."""
+    evaluated on the same windows, so the table shows what the method recovers. It clips weights at
+    the fixed ratio as `--recipe rtn` does, whatever clip search the method itself uses."""
     if run.eval.baseline is None or run.quant is None:
         return
     t = time.time()
     rtn = copy.deepcopy(model)
-    quantize_model(rtn, spec, None, run.quant, DuQuantConfig.rtn(), device=device, seed=run.seed)
+    quantize_model(rtn, spec, None, replace(run.quant, w_clip="minmax"), DuQuantConfig.rtn(), device=device, seed=run.seed)
     result["ppl_rtn"], result["kl_rtn"], _, _ = evaluate(rtn, spec, tokenizer, segments, run, device, "RTN",
                                                          against=fp_states, tasks=False)
     del rtn

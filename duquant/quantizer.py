@@ -46,16 +46,26 @@ def quant_params(
     check_bits("bits", bits)
     if bits >= 16:
         raise ValueError("bits >= 16 means no quantization: there are no quantization parameters")
-    x = x.to(_work_dtype(x))
+    return _params_from_range(_row_range(x.to(_work_dtype(x)), sym, with_zero), bits, sym, clip)
+
+
+def _row_range(x: torch.Tensor, sym: bool, with_zero: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each row's (min, max), or (max |x|, None) in symmetric mode, [..., 1] in x's dtype."""
     if sym:
-        absmax = x.abs().amax(-1, keepdim=True) * clip
-        scale = (absmax / (2 ** (bits - 1) - 1)).clamp(min=MIN_SCALE)
-        return scale, torch.zeros_like(scale)
+        return x.abs().amax(-1, keepdim=True), None
     # Including 0 in the range keeps exact zeros (padding, dead channels) exact.
     xmin, xmax = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
     if with_zero:
         xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
-    xmin, xmax = xmin * clip, xmax * clip
+    return xmin, xmax
+
+
+def _params_from_range(row_range: tuple[torch.Tensor, torch.Tensor | None], bits: int, sym: bool,
+                       clip: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if sym:
+        scale = (row_range[0] * clip / (2 ** (bits - 1) - 1)).clamp(min=MIN_SCALE)
+        return scale, torch.zeros_like(scale)
+    xmin, xmax = row_range[0] * clip, row_range[1] * clip
     scale = ((xmax - xmin) / (2**bits - 1)).clamp(min=MIN_SCALE)
     zero = torch.round(-xmin / scale)
     return scale, zero
@@ -104,12 +114,39 @@ def mse_clip_search(
     `ascending` scans from min_ratio up instead (the published EAQuant code: ties keep the
     smaller ratio).
     """
+    check_bits("bits", bits)
+    if bits >= 16:
+        return torch.ones(*w.shape[:-1], 1, dtype=_work_dtype(w), device=w.device)
+    ratios = torch.linspace(min_ratio, 1.0, grid).tolist() if ascending else torch.linspace(1.0, min_ratio, grid).tolist()
+    rows = w.reshape(-1, w.shape[-1])
+    chunk = rows.shape[0] if w.is_cuda else max(1, SEARCH_CHUNK_ENTRIES // max(1, rows.shape[-1]))
+    best = [_search_rows(rows[i : i + chunk], bits, sym, ratios, with_zero) for i in range(0, rows.shape[0], chunk)]
+    return torch.cat(best).reshape(*w.shape[:-1], 1)
+
+
+# Rows per block of the clip search on a CPU, as entries (2 MB of float32): a block and its scratch
+# copy stay in cache through all the ratios, where the whole matrix would be read from memory once
+# per ratio. A GPU takes the whole matrix at once (blocks would only multiply its kernel launches).
+SEARCH_CHUNK_ENTRIES = 2**19
+
+
+def _search_rows(w: torch.Tensor, bits: int, sym: bool, ratios: list[float], with_zero: bool) -> torch.Tensor:
+    """`mse_clip_search` on a block of rows [n, in]: `fake_quant`'s operations in its order, on one
+    scratch buffer, with each row's range measured once."""
     work = _work_dtype(w)
     w_ref = w.to(work)
-    best_err = torch.full((*w.shape[:-1], 1), float("inf"), dtype=work, device=w.device)
+    row_range = _row_range(w_ref, sym, with_zero)
+    lo, hi = _levels(bits, sym)
+    buf = torch.empty_like(w_ref)
+    best_err = torch.full((w.shape[0], 1), float("inf"), dtype=work, device=w.device)
     best_ratio = torch.ones_like(best_err)
-    for ratio in torch.linspace(min_ratio, 1.0, grid).tolist() if ascending else torch.linspace(1.0, min_ratio, grid).tolist():
-        err = (fake_quant(w, bits, sym, ratio, with_zero).to(work) - w_ref).pow(2).sum(-1, keepdim=True)
+    for ratio in ratios:
+        scale, zero = _params_from_range(row_range, bits, sym, ratio)
+        torch.div(w_ref, scale, out=buf)
+        q = buf.round_().add_(zero).clamp_(lo, hi).sub_(zero).mul_(scale)
+        if w.dtype != work:
+            q = q.to(w.dtype).to(work)
+        err = q.sub_(w_ref).pow_(2).sum(-1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)

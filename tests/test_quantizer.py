@@ -148,3 +148,31 @@ def test_fake_quant_is_bitwise_dequantize_of_quantize(dtype, sym, with_zero):
             scale, zero = quant_params(x, bits, sym, clip, with_zero)
             ref = dequantize(quantize(x, scale, zero, bits, sym), scale, zero).to(dtype)
             assert torch.equal(fake_quant(x, bits, sym, clip, with_zero), ref)
+
+
+def _search_by_definition(w, bits, sym, ratios, with_zero):
+    """The clip search as defined: fake_quant at every ratio over the whole matrix, strict improvements only."""
+    ref = w.float()
+    best_err = torch.full((*w.shape[:-1], 1), float("inf"))
+    best = torch.ones_like(best_err)
+    for r in ratios:
+        err = (fake_quant(w, bits, sym, r, with_zero).float() - ref).pow(2).sum(-1, keepdim=True)
+        best = torch.where(err < best_err, torch.full_like(best, r), best)
+        best_err = torch.minimum(err, best_err)
+    return best
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sym, with_zero", [(False, True), (False, False), (True, True)])
+def test_blocked_clip_search_matches_its_definition(dtype, sym, with_zero, monkeypatch):
+    """The search runs block by block on a scratch buffer; it must pick exactly the ratios that
+    fake_quant at each ratio over the whole matrix picks (blocks of 3 rows here, ragged end)."""
+    import duquant.quantizer as quantizer
+
+    monkeypatch.setattr(quantizer, "SEARCH_CHUNK_ENTRIES", 3 * 96)
+    w = torch.randn(2, 25, 96, generator=gen()).to(dtype)
+    w[:, ::5, 7] *= 25
+    for bits, grid, ascending in ((4, 101, True), (3, 20, False)):
+        ratios = torch.linspace(0.35, 1.0, grid).tolist() if ascending else torch.linspace(1.0, 0.35, grid).tolist()
+        got = mse_clip_search(w, bits, sym, grid, with_zero=with_zero, ascending=ascending)
+        assert torch.equal(got, _search_by_definition(w, bits, sym, ratios, with_zero))
