@@ -122,3 +122,22 @@ def test_nothing_is_fitted_for_16_bit_sites():
     assert isinstance(model.model.layers[0].mlp.gate, QLinear) and model.model.layers[0].mlp.gate.bits == 16
     with torch.no_grad():
         assert torch.isfinite(model(calib[:1]).logits).all()
+
+
+@pytest.mark.parametrize("argv, w_clip", [
+    ([], "mse"),  # DuQuant at 4-bit weights: the per-row search on the published EAQuant grid
+    (["--wbits", "8"], "mse"),
+    (["--wbits", "3"], "minmax"),  # below 4 bits the fixed ratio (docs/fidelity.md, "Weight clipping")
+    (["--eaquant"], "mse"),
+    (["--method", "rtn"], "minmax"),
+    (["--recipe", "gptq"], "minmax"),
+    (["--recipe", "official"], "minmax"),  # the published DuQuant code: swc
+    (["--recipe", "eaquant,official", "--wbits", "3"], "mse"),  # the published EAQuant code searches at any width
+    (["--wbits", "3", "--w_clip", "mse"], "mse"),  # explicit options win
+    (["--w_clip", "minmax"], "minmax"),
+])
+def test_weight_clip_default_follows_method_and_width(argv, w_clip):
+    quant = main.build_config(argv).quant
+    assert quant.w_clip == w_clip
+    if w_clip == "mse" and "--w_clip" not in argv:
+        assert quant.mse_grid == "official"
