@@ -189,7 +189,8 @@ def _quantization(p: argparse.ArgumentParser, show_all: bool) -> None:
     g.add_argument("--router_abits", type=int, default=None, help=h("default 8, or 16 when wbits and abits are 16"))
     g.add_argument("--swc", type=float, default=0.8, help=h("weight clip ratio"))
     g.add_argument("--lac", type=float, default=0.9, help=h("activation clip ratio"))
-    g.add_argument("--w_clip", choices=["minmax", "mse"], default="minmax", help=h("weight clip: fixed ratio or per-row MSE search"))
+    g.add_argument("--w_clip", choices=["minmax", "mse"], default="minmax",
+                   help=h("weight clip: fixed ratio (--swc) or per-row MSE search; DuQuant and EAQuant take mse at 4-8 bit weights"))
     g.add_argument("--w_sym", action="store_true", help=h("symmetric weight grid"))
     g.add_argument("--a_sym", action="store_true", help=h("symmetric activation grid"))
     g = p.add_argument_group("duquant")
