@@ -197,7 +197,9 @@ def _restore_norms(model: nn.Module, spec: ModelSpec) -> None:
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    """A linear holding copies of `weight` and `bias`. Built on the meta device: its own random
+    initialisation would be thrown away, and at real widths it cost as much as the copies."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     lin.weight = nn.Parameter(weight.clone(), requires_grad=False)
     if bias is not None:
         lin.bias = nn.Parameter(bias.clone(), requires_grad=False)

@@ -66,6 +66,16 @@ def test_unfuse_route_all_and_fuse_are_exact(arch):
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_unfusing_leaves_the_global_random_state_alone(arch):
+    """Per-expert linears are built from the fused tensors without an initialisation of their own,
+    which would be wasted work and would advance torch's global generator."""
+    model, _ = tiny_model(arch)
+    state = torch.get_rng_state()
+    unfuse_experts(model, get_spec(model))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_route_all_tokens_feeds_every_expert_every_token(arch):
     model, tok = tiny_model(arch)
     spec = get_spec(model)
