@@ -47,6 +47,7 @@ def phase(args) -> dict:
     from duquant.data import calibration_segments, ppl_segments
     from duquant.evaluate import perplexity
     from duquant.pipeline import quantize_model
+    from duquant.recipes import default_weight_clip
     from memory import reset_peak_rss  # bench/memory.py, beside this script
     from models import get_spec, load_model
 
@@ -65,7 +66,7 @@ def phase(args) -> dict:
     if args.phase == "quantize":
         t = time.time()
         method = DuQuantConfig(rotation_tokens=args.rotation_tokens, max_rotation_step=args.max_rotation_step)
-        report = quantize_model(model, spec, calib, QuantConfig(4, 4), method, seed=0)
+        report = quantize_model(model, spec, calib, QuantConfig(4, 4, **default_weight_clip(4)), method, seed=0)
         out["quantize_s"] = time.time() - t
         out["quantize_steps_s"] = report.timings  # statistics, fitting (the rotation searches), propagation
         out["quant_eval_tok_s"] = evalset.numel() / best_time(lambda: perplexity(model, spec, evalset, desc="W4A4 eval"))

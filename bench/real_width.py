@@ -66,13 +66,15 @@ def quantize_s(model, spec, calib: torch.Tensor, args) -> tuple[float, dict, str
     """Wall time of quantize_model on the layer, its own per-phase timings, and the profile text."""
     from duquant.config import DuQuantConfig, QuantConfig
     from duquant.pipeline import quantize_model
+    from duquant.recipes import default_weight_clip
 
     method = DuQuantConfig(rotation_tokens=args.rotation_tokens, max_rotation_step=args.max_rotation_step)
     prof = cProfile.Profile() if args.profile else None
     t = time.time()
     if prof:
         prof.enable()
-    report = quantize_model(model, spec, calib, QuantConfig(args.wbits, args.abits), method, seed=0)
+    quant = QuantConfig(args.wbits, args.abits, **default_weight_clip(args.wbits))  # main.py's DuQuant defaults
+    report = quantize_model(model, spec, calib, quant, method, seed=0)
     if prof:
         prof.disable()
     elapsed = time.time() - t
