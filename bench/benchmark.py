@@ -65,7 +65,8 @@ def phase(args) -> dict:
     reset_peak_rss()  # the peak reported below is the quantization's and its evaluation's
     if args.phase == "quantize":
         t = time.time()
-        method = DuQuantConfig(rotation_tokens=args.rotation_tokens, max_rotation_step=args.max_rotation_step)
+        method = DuQuantConfig(rotation_tokens=args.rotation_tokens, max_rotation_step=args.max_rotation_step,
+                               fit_order=args.fit_order)
         report = quantize_model(model, spec, calib, QuantConfig(4, 4, **default_weight_clip(4)), method, seed=0)
         out["quantize_s"] = time.time() - t
         out["quantize_steps_s"] = report.timings  # statistics, fitting (the rotation searches), propagation
@@ -82,6 +83,8 @@ def main() -> None:
     p.add_argument("--eval_windows", type=int, default=40)
     p.add_argument("--rotation_tokens", type=int, default=2048, help="rows per site for the rotation search")
     p.add_argument("--max_rotation_step", type=int, default=256, help="greedy rotation steps (DuQuant's default 256)")
+    p.add_argument("--fit_order", choices=["sequential", "layer"], default="sequential",
+                   help="sites fitted depth by depth on the partly quantized layer (main.py's default), or all on the FP layer")
     p.add_argument("--stream", action="store_true", help="decoder layers read from disk one at a time")
     p.add_argument("--phase", choices=["quantize"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -91,7 +94,7 @@ def main() -> None:
     cmd = [sys.executable, __file__, "--model", args.model, "--nsamples", str(args.nsamples),
            "--seqlen", str(args.seqlen), "--eval_windows", str(args.eval_windows),
            "--rotation_tokens", str(args.rotation_tokens), "--max_rotation_step", str(args.max_rotation_step),
-           "--phase", "quantize"] + ["--stream"] * args.stream
+           "--fit_order", args.fit_order, "--phase", "quantize"] + ["--stream"] * args.stream
     r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     ratios = {
         "quantization / FP pass": r["quantize_s"] / r["fp_pass_s"],
@@ -100,7 +103,7 @@ def main() -> None:
     }
     print(json.dumps(r, indent=2))
     print(f"\n| {args.model}{' (streamed)' if args.stream else ''}, {args.nsamples} x {args.seqlen} calibration, "
-          f"{args.max_rotation_step} rotation steps, torch {torch.__version__} | ratio |\n|---|---|")
+          f"{args.max_rotation_step} rotation steps, --fit_order {args.fit_order}, torch {torch.__version__} | ratio |\n|---|---|")
     for k, v in ratios.items():
         print(f"| {k} | {v:.2f} |")
 
