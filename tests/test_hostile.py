@@ -281,12 +281,13 @@ def test_a_damaged_checkpoint_names_no_resume(tmp_path, capsys, monkeypatch):
 
 def test_a_real_sigint_ends_with_one_line(tmp_path):
     out = tmp_path / "r"
-    # 32 calibration sequences keep the quantization going for seconds after the first checkpoint, so the
-    # interrupt lands inside it even when this process is scheduled late (with 4 the window was ~1 s).
-    proc = subprocess.Popen([sys.executable, "main.py", "--model", "tiny-deepseek", "--nsamples", "32", "--seqlen", "64",
+    # A shell's background job inherits SIGINT ignored, and so would the run (Python then installs no
+    # Ctrl-C handler): the run gets the default disposition whatever this process inherited.
+    proc = subprocess.Popen([sys.executable, "main.py", "--model", "tiny-deepseek", "--nsamples", "4", "--seqlen", "64",
                              "--block_size", "32", "--eval_ppl", "wikitext2", "--ppl_samples", "8", "--no-compare_fp",
                              "--output_dir", str(out)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     progress = out / "partial" / "progress.json"
     deadline = time.time() + 240
     while not progress.exists() and proc.poll() is None and time.time() < deadline:
