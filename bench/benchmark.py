@@ -76,6 +76,8 @@ def phase(args) -> dict:
 
 
 def main() -> None:
+    from duquant.config import CHOICES, DuQuantConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo-mixtral")
     p.add_argument("--nsamples", type=int, default=128)
@@ -83,7 +85,7 @@ def main() -> None:
     p.add_argument("--eval_windows", type=int, default=40)
     p.add_argument("--rotation_tokens", type=int, default=2048, help="rows per site for the rotation search")
     p.add_argument("--max_rotation_step", type=int, default=256, help="greedy rotation steps (DuQuant's default 256)")
-    p.add_argument("--fit_order", choices=["sequential", "layer"], default="sequential",
+    p.add_argument("--fit_order", choices=CHOICES["fit_order"], default=DuQuantConfig.fit_order,
                    help="sites fitted depth by depth on the partly quantized layer (main.py's default), or all on the FP layer")
     p.add_argument("--stream", action="store_true", help="decoder layers read from disk one at a time")
     p.add_argument("--phase", choices=["quantize"], default=None, help=argparse.SUPPRESS)
