@@ -1,7 +1,7 @@
 """Speed and memory of the pipeline as ratios that transfer across machines.
 
     python bench/benchmark.py                   # demo-mixtral, main.py's defaults: 128 x 2048 calibration, about 8 min
-    python bench/benchmark.py --nsamples 32 --seqlen 512 --rotation_tokens 512 [--stream] [--max_rotation_step 64]
+    python bench/benchmark.py --nsamples 32 --seqlen 512 --rotation_tokens 512 [--stream] [--max_rotation_step 64] [--spreading reflection]
 
 - quantization wall time / one FP forward pass over the same calibration set (target <= 5x),
 - fake-quant evaluation throughput / FP throughput (target >= 0.8x),
@@ -66,7 +66,7 @@ def phase(args) -> dict:
     if args.phase == "quantize":
         t = time.time()
         method = DuQuantConfig(rotation_tokens=args.rotation_tokens, max_rotation_step=args.max_rotation_step,
-                               fit_order=args.fit_order)
+                               fit_order=args.fit_order, spreading=args.spreading)
         report = quantize_model(model, spec, calib, QuantConfig(4, 4, **default_weight_clip(4)), method, seed=0)
         out["quantize_s"] = time.time() - t
         out["quantize_steps_s"] = report.timings  # statistics, fitting (the rotation searches), propagation
@@ -87,6 +87,8 @@ def main() -> None:
     p.add_argument("--max_rotation_step", type=int, default=256, help="greedy rotation steps (DuQuant's default 256)")
     p.add_argument("--fit_order", choices=CHOICES["fit_order"], default=DuQuantConfig.fit_order,
                    help="sites fitted depth by depth on the partly quantized layer (main.py's default), or all on the FP layer")
+    p.add_argument("--spreading", choices=CHOICES["spreading"], default=DuQuantConfig.spreading,
+                   help="the greedy steps' spreading (reflection: rank-one steps, docs/speed.md)")
     p.add_argument("--stream", action="store_true", help="decoder layers read from disk one at a time")
     p.add_argument("--phase", choices=["quantize"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -96,7 +98,7 @@ def main() -> None:
     cmd = [sys.executable, __file__, "--model", args.model, "--nsamples", str(args.nsamples),
            "--seqlen", str(args.seqlen), "--eval_windows", str(args.eval_windows),
            "--rotation_tokens", str(args.rotation_tokens), "--max_rotation_step", str(args.max_rotation_step),
-           "--fit_order", args.fit_order, "--phase", "quantize"] + ["--stream"] * args.stream
+           "--fit_order", args.fit_order, "--spreading", args.spreading, "--phase", "quantize"] + ["--stream"] * args.stream
     r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     ratios = {
         "quantization / FP pass": r["quantize_s"] / r["fp_pass_s"],
@@ -105,7 +107,7 @@ def main() -> None:
     }
     print(json.dumps(r, indent=2))
     print(f"\n| {args.model}{' (streamed)' if args.stream else ''}, {args.nsamples} x {args.seqlen} calibration, "
-          f"{args.max_rotation_step} rotation steps, --fit_order {args.fit_order}, torch {torch.__version__} | ratio |\n|---|---|")
+          f"{args.max_rotation_step} rotation steps, --fit_order {args.fit_order}, --spreading {args.spreading}, torch {torch.__version__} | ratio |\n|---|---|")
     for k, v in ratios.items():
         print(f"| {k} | {v:.2f} |")
 

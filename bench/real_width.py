@@ -68,7 +68,8 @@ def quantize_s(model, spec, calib: torch.Tensor, args) -> tuple[float, dict, str
     from duquant.pipeline import quantize_model
     from duquant.recipes import default_weight_clip
 
-    method = DuQuantConfig(rotation_tokens=args.rotation_tokens, max_rotation_step=args.max_rotation_step)
+    method = DuQuantConfig(rotation_tokens=args.rotation_tokens, max_rotation_step=args.max_rotation_step,
+                           spreading=args.spreading)
     prof = cProfile.Profile() if args.profile else None
     t = time.time()
     if prof:
@@ -100,12 +101,16 @@ def measure(name: str, args) -> dict:
 
 
 def main() -> None:
+    from duquant.config import CHOICES, DuQuantConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=[*SHAPES, "all"], default="all")
     p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--rotation_tokens", type=int, default=2048, help="rows per site for the rotation search")
     p.add_argument("--max_rotation_step", type=int, default=256)
+    p.add_argument("--spreading", choices=CHOICES["spreading"], default=DuQuantConfig.spreading,
+                   help="the greedy steps' spreading (reflection: rank-one steps, docs/speed.md)")
     p.add_argument("--wbits", type=int, default=4)
     p.add_argument("--abits", type=int, default=4)
     p.add_argument("--vocab", type=int, default=1024)
@@ -115,7 +120,7 @@ def main() -> None:
     rows = [measure(name, args) for name in (SHAPES if args.model == "all" else [args.model])]
     print(json.dumps(rows, indent=2))
     print(f"\n| one decoder layer, {args.nsamples} x {args.seqlen} calibration, W{args.wbits}A{args.abits}, "
-          f"{args.max_rotation_step} rotation steps, torch {torch.__version__} | FP pass (s) | quantization (s) | ratio |"
+          f"{args.max_rotation_step} rotation steps, --spreading {args.spreading}, torch {torch.__version__} | FP pass (s) | quantization (s) | ratio |"
           "\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['fp_pass_s']:.2f} | {r['quantize_s']:.1f} | {r['ratio']:.1f} |")

@@ -24,7 +24,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "propagation": ("quantized", "fp"),
     "rotation_seed": ("fixed", "redraw"),
     "rotation_stop": ("absmax", "range"),
-    "spreading": ("uniform", "official"),
+    "spreading": ("uniform", "official", "reflection"),
     "weight_range": ("with_zero", "minmax"),
     "qk_clip": ("none", "lac"),
     "mse_grid": ("coarse", "official"),
@@ -125,7 +125,7 @@ class DuQuantConfig:
     propagation: str = "quantized"  # next layer's calibration inputs: this layer's quantized or FP outputs
     rotation_seed: str = "fixed"  # one spreading matrix per layer, or a new one per rotation fit
     rotation_stop: str = "absmax"  # greedy search keeps the prefix with the least max |x|, or max - min
-    spreading: str = "uniform"  # spreading matrix: first row 1/sqrt(b), or the published code's matrix
+    spreading: str = "uniform"  # spreading matrix: first row 1/sqrt(b), the published code's matrix, or a reflection (fast)
     expert_down_smooth: str = "alpha"  # routed experts' down-in: DuQuant's smoothing, or the published EAQuant outlier mask
     fit_order: str = "sequential"  # rotations fit site by site with the earlier sites quantized, or all on the FP layer
 
