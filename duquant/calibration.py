@@ -17,7 +17,7 @@ from models.spec import LayerView, ModelSpec
 
 from .config import DuQuantConfig
 from .fp_stats import FPLayerStats, fp_site_statistics
-from .layerwise import advance, capture_layer_inputs, input_hooks, observe
+from .layerwise import advance, capture_layer_inputs, input_hooks, observe, outputs_skipped
 from .outlier_mask import track_ranges
 from .stats import (LayerStats, collect, expert_down_inputs, hooked_sites, replace_absmax, routed_expert_inputs,
                     take_rotation_rows)
@@ -124,24 +124,36 @@ def layer_statistics(model, spec: ModelSpec, layer: nn.Module, view: LayerView, 
     return stats, info
 
 
+def unneeded_readers(view: LayerView, hooks: list[nn.Module]) -> list[nn.Module]:
+    """The linears whose outputs no input of `hooks`' sites depends on: the readers of those sites
+    and of deeper ones (models/sites.py `depth`), except the router, whose output routes the tokens
+    the experts' sites see."""
+    sites = layer_sites(view)
+    depth = min(s.depth for s in sites if s.hook in hooks)
+    readers = dict.fromkeys(r for s in sites if s.depth >= depth for r in s.readers)
+    return [r for r in readers if r is not view.router and type(r) is nn.Linear]
+
+
 def site_rows(model, spec: ModelSpec, layer: nn.Module, view: LayerView, data: Calibration, cfg: DuQuantConfig,
               seed: int, route_all: bool, hooks: list[nn.Module], fill: tuple | None = None) -> LayerStats:
     """The rotation rows of `hooks` in the layer as it is now (`fit_order="sequential"`): drawn as
     `layer_statistics` draws them (the rotation sequence, or a sample of the calibration inputs with
     the expert-only extra data, which only routed experts' sites read), topped up by `fill` the same
-    way. Attention-only hooks stop each batch's forward after the attention."""
+    way. The linears no hooked input depends on are skipped (`unneeded_readers`), and attention-only
+    hooks stop each batch's forward after the attention."""
     rot = rotation_sequence(data, cfg)
     cap = rot[0].shape[1] if rot else cfg.rotation_tokens
     inside_attention = set(view.attn.modules())
     until = view.attn if all(h in inside_attention for h in hooks) else None
     routed = routed_expert_inputs(view) & set(hooks)
-    with collect(hooks, None, 0, cap, seed) as rows, _routing(model, spec, view, route_all):
+    with collect(hooks, None, 0, cap, seed) as rows, _routing(model, spec, view, route_all), \
+            outputs_skipped(unneeded_readers(view, hooks)):
         observe(layer, rot or data.inps, data.kwargs, until)
         if not rot and data.extra and routed:
             rows.frozen = set(rows.inputs) - routed
             observe(layer, data.extra, data.kwargs)
     if fill is not None and routed:
-        with _routing(model, spec, view, route_all):
+        with _routing(model, spec, view, route_all), outputs_skipped(unneeded_readers(view, hooks)):
             fill_expert_rows(layer, view, rows, fill[0], data.kwargs, fill[1])
     return rows
 

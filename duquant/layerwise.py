@@ -153,6 +153,23 @@ def input_hooks(modules, fn):
             h.remove()
 
 
+@contextmanager
+def outputs_skipped(linears):
+    """While the block runs, each of `linears` (nn.Linear) returns zeros of its output's shape
+    instead of computing it; its hooks still run. A pass that only gathers the inputs of some
+    sites thus skips the linears that read them and the ones after, whose outputs it drops."""
+    def zeros(linear: nn.Linear):
+        return lambda x: x.new_zeros(*x.shape[:-1], linear.out_features)
+
+    for m in linears:
+        m.forward = zeros(m)
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward
+
+
 def windows(hidden: list[torch.Tensor]):
     """The windows of a batched activation list, one [seqlen, hidden] tensor at a time."""
     return (w for batch in hidden for w in batch)

@@ -352,11 +352,11 @@ def test_sequential_fitting_sees_the_earlier_sites_quantized(monkeypatch):
     assert not torch.allclose(layer["o_in"], seq["o_in"]) and not torch.allclose(layer["down_in"], seq["down_in"])
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "dbrx", "llama4_text", "qwen3_next"])
 def test_refresh_rows_are_a_full_pass_rows_while_attention_only_passes_skip_the_mlp(arch):
-    """Sequential fitting's refresh (`site_rows`) stops attention-only passes after the attention and
-    observes the expert-only extra data only for routed experts' sites: the rows and counts must be
-    exactly those of a full pass over both sets."""
+    """Sequential fitting's refresh (`site_rows`) stops attention-only passes after the attention,
+    skips the linears no hooked input depends on and observes the expert-only extra data only for
+    routed experts' sites: the rows and counts must be exactly those of a full pass over both sets."""
     from duquant.calibration import calibration, site_rows
     from duquant.layerwise import observe
     from duquant.stats import routed_expert_inputs
@@ -371,18 +371,23 @@ def test_refresh_rows_are_a_full_pass_rows_while_attention_only_passes_skip_the_
     unfuse_experts(model, spec, index)
     layer = decoder_layers(model, spec)[index]
     view = resolve(spec, layer, model.config, index)
-    mlp_calls = []
-    handle = view.mlp.register_forward_hook(lambda *_: mlp_calls.append(1))
+    mlp_calls, downs_zero = [], []
+    handles = [view.mlp.register_forward_hook(lambda *_: mlp_calls.append(1))]
+    handles += [x.down_proj.register_forward_hook(lambda m, i, out: downs_zero.append(not out.any())) for x in view.experts]
     sites = layer_sites(view)
     for depth in sorted({s.depth for s in sites}):
         hooks = [s.hook for s in sites if s.depth == depth]
         mlp_calls.clear()
+        downs_zero.clear()
         got = site_rows(model, spec, layer, view, data, cfg, 7, False, hooks)
         assert (not mlp_calls) == (depth < sites[-1].depth - 1)  # attention depths skip the MoE
+        if depth >= sites[-1].depth - 1:  # the experts' inputs and down-ins: no expert output computed
+            assert downs_zero and all(downs_zero)
         with collect(hooks, None, 0, cfg.rotation_tokens, 7) as want:
             observe(layer, data.inps, data.kwargs)
             want.frozen = set(hooks) - routed_expert_inputs(view)
             observe(layer, data.extra, data.kwargs)
         for h in hooks:
             assert got[h].count == want[h].count and torch.equal(got[h].sample, want[h].sample)
-    handle.remove()
+    for h in handles:
+        h.remove()
