@@ -52,20 +52,31 @@ class SiteInput(nn.Module):
 
     def quantized(self, x: torch.Tensor, act_quant: ActQuantizer) -> torch.Tensor:
         """Q_a(T(x)) for one reader, computed at most once per round and quantizer setting."""
-        if self._x is not x or self._version != x._version:
+        r = self._round
+        if r.x is not x or r.version != x._version:
             self._end_round()
-            self._x, self._version, self._transformed = x, x._version, self.act(x)
+            r.x, r.version, r.transformed = x, x._version, self.act(x)
         key = (act_quant.bits, act_quant.sym, act_quant.clip_ratio, act_quant.with_zero)
-        if key not in self._quantized:
-            self._quantized[key] = act_quant(self._transformed)
-        out = self._quantized[key]
-        self._uses += 1
-        if self._uses >= self.readers:
+        if key not in r.quantized:
+            r.quantized[key] = act_quant(r.transformed)
+        out = r.quantized[key]
+        r.uses += 1
+        if r.uses >= self.readers:
             self._end_round()
         return out
 
     def _end_round(self) -> None:
-        self._x, self._version, self._transformed, self._quantized, self._uses = None, -1, None, {}, 0
+        """A fresh round, kept in a plain object: nn.Module's attribute setter costs more than the
+        rest of a small reader's bookkeeping."""
+        self._round = _Round()
+
+
+class _Round:
+    """One round of a `SiteInput`: the input tensor object and its version, T(x), Q_a(T(x)) per
+    quantizer setting, and how many readers have taken theirs."""
+
+    def __init__(self):
+        self.x, self.version, self.transformed, self.quantized, self.uses = None, -1, None, {}, 0
 
 
 class QLinear(nn.Module):

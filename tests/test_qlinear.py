@@ -31,7 +31,7 @@ def test_shared_input_matches_separate_transforms_and_is_released():
     for _ in range(2):  # a second pass starts a fresh round
         for a, b in zip(shared, separate):
             assert torch.equal(a(x), b(x))
-    assert site._x is None and site.readers == 3
+    assert site._round.x is None and site.readers == 3
     assert all(q.transform is site.transform for q in shared)
 
 
