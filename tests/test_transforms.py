@@ -380,3 +380,13 @@ def test_reflection_spreading_lowers_the_peak_at_a_fraction_of_the_dense_search(
     raw = sum(x.abs().amax() for x in xs)
     assert peak["reflection"] < 0.5 * raw
     assert peak["reflection"] <= 1.05 * peak["uniform"]
+
+
+def test_a_reflection_search_in_pieces_gives_the_same_bits(monkeypatch):
+    x = torch.randn(7, 90, 16, generator=gen(8)) * torch.rand(7, 1, 16, generator=gen(9)) * 10
+    signs = transforms._reflection_signs(16, 2, 20)
+    per_block = torch.stack([transforms._reflection_signs(16, s, 20) for s in range(7)])
+    whole = {k: transforms._greedy_rotation(x.clone(), 20, g, False, reflection=True) for k, g in (("one", signs), ("per", per_block))}
+    monkeypatch.setattr(transforms, "SEARCH_PIECE_ENTRIES", 2 * 90 * 16)  # pieces of 2 blocks
+    for k, g in (("one", signs), ("per", per_block)):
+        assert torch.equal(transforms._greedy_rotation(x.clone(), 20, g, False, reflection=True), whole[k])
