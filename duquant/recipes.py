@@ -7,7 +7,8 @@ Two kinds, combined with a comma (`--recipe eaquant,official`):
   published code and the paper text differ (docs/fidelity.md lists them with what each does).
   `default` is ours; `official` reproduces the published DuQuant code, and with any EAQuant
   component on, the published EAQuant code (whose DuQuant part differs from DuQuant's own); `paper`
-  follows the paper text where it conflicts with the code.
+  follows the paper text where it conflicts with the code; `fast` takes the two choices that cost
+  least time, with their quality measured (docs/speed.md).
 A recipe only fills in options the user did not give: explicit options always win.
 """
 from __future__ import annotations
@@ -53,12 +54,18 @@ OFFICIAL_EAQUANT = {
 # where they say nothing, the paper recipe takes the code's choice.
 PAPER = {"rotation": "paper", "rotation_stop": "absmax"}
 
+# Rank-one greedy steps and every site fitted on the FP layer's rows (no refresh passes): DuQuant
+# W4A4's KL to FP stayed within the seed spread of the default on the three zoo models
+# (results/spreading/README.md) at 0.36x its quantization time on demo-mixtral (docs/speed.md).
+FAST = {"spreading": "reflection", "fit_order": "layer"}
+
 RECIPES: dict[str, tuple[dict[str, object], dict[str, object]]] = {
     # name: (values for DuQuant runs, values when an EAQuant component is on)
     "default": ({}, {}),
     "official": (OFFICIAL_DUQUANT, OFFICIAL_EAQUANT),
     "paper": ({**OFFICIAL_DUQUANT, **PAPER},
               {**OFFICIAL_EAQUANT, **PAPER, "smooth_aggregate_router": True, "align_rule": "ours"}),
+    "fast": (FAST, FAST),
 }
 
 
@@ -116,7 +123,7 @@ def describe_recipes() -> str:
     lines += [f"  {name:10s} " + " ".join(f"--{k} {v}" for k, v in values.items()) for name, values in METHOD_RECIPES.items()]
     lines.append(f"  (duquant and eaquant also take --w_clip mse --mse_grid official at --wbits {MSE_CLIP_MIN_WBITS}..8, "
                  "--w_clip minmax below)")
-    lines.append("\nFidelity recipes (--recipe NAME or --recipe METHOD,NAME; docs/fidelity.md):")
+    lines.append("\nFidelity recipes (--recipe NAME or --recipe METHOD,NAME; docs/fidelity.md, fast: docs/speed.md):")
     for name, (duq, ea) in RECIPES.items():
         lines.append(f"  {name:10s} DuQuant runs: " + (" ".join(f"--{k} {v}" for k, v in duq.items()) or "(our defaults)"))
         if ea != duq:

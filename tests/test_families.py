@@ -9,8 +9,10 @@ import torch
 import torch.nn as nn
 
 import main
+from duquant.config import DuQuantConfig
 from duquant.pipeline import quantize_model
 from duquant.qlinear import QLinear
+from duquant.recipes import RECIPES
 from models import get_spec, resolve
 from models.experts import route_all_tokens, unfuse_experts
 from models.registry import MLA_KV
@@ -20,7 +22,7 @@ from models.spec import decoder_layers
 from models.tiny import tiny_model, tiny_tokenizer
 
 from .helpers import rel_err, tiny_data
-from .test_fidelity import FP, official
+from .test_fidelity import FAST, FP, official
 
 MOE_FAMILIES = ["deepseek_v3", "deepseek_v32", "deepseek_v2", "glm4_moe", "dots1", "gpt_oss", "ernie4_5_moe", "granitemoe",
                 "granitemoeshared", "dbrx", "phimoe", "minimax_m2", "hunyuan_v1_moe", "qwen3_next", "qwen3_5_moe_text", "llama4_text"]
@@ -191,13 +193,15 @@ def _outliers(model: nn.Module) -> nn.Module:
     return model
 
 
+@pytest.mark.parametrize("recipe", ["official", "fast"])
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_duquant_at_16_bits_leaves_logits_unchanged(arch):
+def test_duquant_at_16_bits_leaves_logits_unchanged(arch, recipe):
     model, tok = _outliers(_biased(tiny_model(arch, dtype=torch.float64)[0])), tiny_tokenizer()
     calib, x = tiny_data(tok)
     with torch.no_grad():
         ref = model(x).logits
-    quantize_model(model, get_spec(model), calib, FP, official(), seed=0)
+    cfg = official() if recipe == "official" else DuQuantConfig(**FAST, **RECIPES["fast"][0])
+    quantize_model(model, get_spec(model), calib, FP, cfg, seed=0)
     with torch.no_grad():
         out = model(x).logits
     assert sum(isinstance(m, QLinear) and m.transform is not None for m in model.modules()) > 10

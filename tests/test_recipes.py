@@ -40,6 +40,14 @@ def test_explicit_options_beat_recipes_and_set_beats_both():
     assert main.build_config(["--recipe", "eaquant"]).eaquant.extra_sequences
 
 
+def test_the_fast_recipe_sets_reflection_steps_and_layer_order_unless_given():
+    run = main.build_config(["--recipe", "eaquant,fast"])
+    assert run.duquant.spreading == "reflection" and run.duquant.fit_order == "layer"
+    assert run.eaquant.router_align and run.method == main.build_config(["--recipe", "eaquant"]).method
+    run = main.build_config(["--recipe", "duquant,fast", "--fit_order", "sequential"])
+    assert run.duquant.spreading == "reflection" and run.duquant.fit_order == "sequential"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--recipe", "eaquant,moequant"], "two recipes of one kind"),
     (["--recipe", "fastest"], "unknown name fastest"),
