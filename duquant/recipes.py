@@ -54,9 +54,9 @@ OFFICIAL_EAQUANT = {
 # where they say nothing, the paper recipe takes the code's choice.
 PAPER = {"rotation": "paper", "rotation_stop": "absmax"}
 
-# Rank-one greedy steps and every site fitted on the FP layer's rows (no refresh passes): DuQuant
-# W4A4's KL to FP stayed within the seed spread of the default on the three zoo models
-# (results/spreading/README.md) at 0.36x its quantization time on demo-mixtral (docs/speed.md).
+# Rank-one greedy steps and every site fitted on the FP layer's rows (no refresh passes). On the
+# three zoo models DuQuant W4A4's KL to FP moved by about the seed spread, both ways
+# (results/spreading/README.md); the time it saves is in docs/speed.md.
 FAST = {"spreading": "reflection", "fit_order": "layer"}
 
 RECIPES: dict[str, tuple[dict[str, object], dict[str, object]]] = {
