@@ -264,21 +264,10 @@ def smooth_sites(view: LayerView, sites: list[Site], stats: LayerStats, lq: Laye
 
 # ---- step 2: rotations ----
 
-def search_group(fit: SiteFit, cfg: DuQuantConfig) -> tuple:
-    """Consecutive fits with one key are searched together. Reflection steps are per-block passes
-    whose bits do not depend on what else is stacked, so any sites of one width share a search
-    (a small site alone pays the per-step overhead for a few blocks); the dense kinds keep one search
-    per kind and width (all routed experts' inputs, all their down-ins), whose products' shapes gave
-    the recorded results."""
-    if cfg.spreading == "reflection":
-        return (fit.x.shape[-1],)
-    return (fit.site.expert is not None, fit.site.fold, fit.x.shape[-1])
-
-
 def rotate_sites(fits: list[SiteFit], lq: LayerQuantizer) -> None:
-    """Each `search_group` run of fits in one joint search; the order of the fits is the sites'
-    order, which numbers the redrawn seeds."""
-    for _, run in groupby(fits, key=lambda f: search_group(f, lq.cfg)):
+    """Consecutive sites of one kind and width (all routed experts' inputs, all their down-ins) are
+    searched together; the order of the fits is the sites' order, which numbers the redrawn seeds."""
+    for _, run in groupby(fits, key=lambda f: (f.site.expert is not None, f.site.fold, f.x.shape[-1])):
         run = list(run)
         for f, rotation in zip(run, lq.rotations_many([f.x for f in run])):
             f.rotation = rotation

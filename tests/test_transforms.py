@@ -390,13 +390,3 @@ def test_a_reflection_search_in_pieces_gives_the_same_bits(monkeypatch):
     monkeypatch.setattr(transforms, "SEARCH_PIECE_ENTRIES", 2 * 90 * 16)  # pieces of 2 blocks
     for k, g in (("one", signs), ("per", per_block)):
         assert torch.equal(transforms._greedy_rotation(x.clone(), 20, g, False, reflection=True), whole[k])
-
-
-def test_reflection_fits_stacked_with_other_sites_are_bitwise_those_fitted_alone():
-    """What lets `search_group` stack sites of any kind under reflection steps: blocks padded to
-    another site's row count give the same bits."""
-    xs = [_outlier_acts(300, 64), _outlier_acts(120, 64, outliers=(5, 40)) * 3, _outlier_acts(40, 64, outliers=(1,))]
-    joint = fit_rotations(xs, block_size=32, max_steps=20, seed=1, spreading="reflection")
-    for x, t in zip(xs, joint):
-        alone = fit_rotations([x], block_size=32, max_steps=20, seed=1, spreading="reflection")[0]
-        assert all(torch.equal(p, q) for p, q in zip(t.state_dict().values(), alone.state_dict().values()))
