@@ -2,6 +2,7 @@
 
     python bench/real_width.py                          # OLMoE-1B-7B and Qwen3-30B-A3B, 8 x 256 calibration
     python bench/real_width.py --model qwen3 --nsamples 16 --seqlen 512 --profile 25
+    python bench/real_width.py --spreading reflection --fit_order layer     # what --recipe fast sets
 
 The demo is 8 experts of width 384 at hidden 256; OLMoE-1B-7B has 64 experts of width 1024 and
 Qwen3-30B-A3B 128 of width 768, both at hidden 2048 with 8 experts per token, so the per-expert
@@ -69,7 +70,7 @@ def quantize_s(model, spec, calib: torch.Tensor, args) -> tuple[float, dict, str
     from duquant.recipes import default_weight_clip
 
     method = DuQuantConfig(rotation_tokens=args.rotation_tokens, max_rotation_step=args.max_rotation_step,
-                           spreading=args.spreading)
+                           spreading=args.spreading, fit_order=args.fit_order)
     prof = cProfile.Profile() if args.profile else None
     t = time.time()
     if prof:
@@ -111,6 +112,8 @@ def main() -> None:
     p.add_argument("--max_rotation_step", type=int, default=256)
     p.add_argument("--spreading", choices=CHOICES["spreading"], default=DuQuantConfig.spreading,
                    help="the greedy steps' spreading (reflection: rank-one steps, docs/speed.md)")
+    p.add_argument("--fit_order", choices=CHOICES["fit_order"], default=DuQuantConfig.fit_order,
+                   help="sites fitted depth by depth on the partly quantized layer (main.py's default), or all on the FP layer")
     p.add_argument("--wbits", type=int, default=4)
     p.add_argument("--abits", type=int, default=4)
     p.add_argument("--vocab", type=int, default=1024)
@@ -120,7 +123,7 @@ def main() -> None:
     rows = [measure(name, args) for name in (SHAPES if args.model == "all" else [args.model])]
     print(json.dumps(rows, indent=2))
     print(f"\n| one decoder layer, {args.nsamples} x {args.seqlen} calibration, W{args.wbits}A{args.abits}, "
-          f"{args.max_rotation_step} rotation steps, --spreading {args.spreading}, torch {torch.__version__} | FP pass (s) | quantization (s) | ratio |"
+          f"{args.max_rotation_step} rotation steps, --spreading {args.spreading}, --fit_order {args.fit_order}, torch {torch.__version__} | FP pass (s) | quantization (s) | ratio |"
           "\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['fp_pass_s']:.2f} | {r['quantize_s']:.1f} | {r['ratio']:.1f} |")
