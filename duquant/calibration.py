@@ -19,6 +19,7 @@ from .config import DuQuantConfig
 from .fp_stats import FPLayerStats, fp_site_statistics
 from .layerwise import advance, capture_layer_inputs, input_hooks, observe, outputs_skipped
 from .outlier_mask import track_ranges
+from .qlinear import unwrap
 from .stats import (LayerStats, collect, expert_down_inputs, hooked_sites, replace_absmax, routed_expert_inputs,
                     take_rotation_rows)
 
@@ -125,13 +126,13 @@ def layer_statistics(model, spec: ModelSpec, layer: nn.Module, view: LayerView, 
 
 
 def unneeded_readers(view: LayerView, hooks: list[nn.Module]) -> list[nn.Module]:
-    """The linears whose outputs no input of `hooks`' sites depends on: the readers of those sites
-    and of deeper ones (models/sites.py `depth`), except the router, whose output routes the tokens
-    the experts' sites see."""
+    """The linears (or their QLinears, once wrapped) whose outputs no input of `hooks`' sites
+    depends on: the readers of those sites and of deeper ones (models/sites.py `depth`), except the
+    router, whose output routes the tokens the experts' sites see."""
     sites = layer_sites(view)
     depth = min(s.depth for s in sites if s.hook in hooks)
     readers = dict.fromkeys(r for s in sites if s.depth >= depth for r in s.readers)
-    return [r for r in readers if r is not view.router and type(r) is nn.Linear]
+    return [r for r in readers if r is not view.router and type(unwrap(r)) is nn.Linear]
 
 
 def site_rows(model, spec: ModelSpec, layer: nn.Module, view: LayerView, data: Calibration, cfg: DuQuantConfig,

@@ -155,11 +155,12 @@ def input_hooks(modules, fn):
 
 @contextmanager
 def outputs_skipped(linears):
-    """While the block runs, each of `linears` (nn.Linear) returns zeros of its output's shape
-    instead of computing it; its hooks still run. A pass that only gathers the inputs of some
-    sites thus skips the linears that read them and the ones after, whose outputs it drops."""
-    def zeros(linear: nn.Linear):
-        return lambda x: x.new_zeros(*x.shape[:-1], linear.out_features)
+    """While the block runs, each of `linears` (an nn.Linear, or a module around one with its
+    `weight`) returns zeros of its output's shape instead of computing it; its hooks still run. A
+    pass that only gathers the inputs of some sites thus skips the linears that read them and the
+    ones after, whose outputs it drops."""
+    def zeros(linear: nn.Module):
+        return lambda x: x.new_zeros(*x.shape[:-1], linear.weight.shape[0])
 
     for m in linears:
         m.forward = zeros(m)

@@ -31,11 +31,12 @@ from models.spec import LayerView, ModelSpec, decoder_layers, resolve
 
 from . import kvquant, resume
 from .agreement import RoutingAgreement
-from .calibration import Calibration, calibration, fp_outputs, layer_statistics, site_rows
+from .calibration import Calibration, calibration, fp_outputs, layer_statistics, site_rows, unneeded_readers
 from .config import DuQuantConfig, GPTQConfig, QuantConfig
 from .fitting import LayerQuantizer, quantize_layer
 from .gptq_layer import gptq_layer
-from .layerwise import advance, layer_on, observe
+from .layerwise import advance, layer_on, observe, outputs_skipped
+from .qlinear import end_rounds
 from .quantizer import QuantizedWeight
 from .stats import LayerStats
 
@@ -188,26 +189,32 @@ def gptq_step(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibratio
 
 
 def propagate(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibration, fp_next,
-              fp_router: nn.Module | None) -> dict:
+              fp_router: nn.Module | None, last: bool) -> dict:
     """Step 4: the next layer's inputs (this layer's quantized outputs, or its FP outputs computed
-    before quantizing), with the routing agreement of the quantized router measured on the way."""
+    before quantizing), with the routing agreement of the quantized router measured on the way.
+    After the `last` layer no layer reads them, so its inputs stay as they are; a pass that is only
+    for the agreement (that one, or with FP propagation) computes no expert (`unneeded_readers`)."""
     info: dict = {}
     handle = agreement = None
     if view.is_moe and fp_router is not None:
         agreement = RoutingAgreement(fp_router, view.routing)
         handle = view.mlp.get_submodule(job.spec.router).register_forward_hook(agreement)
     try:
-        if fp_next is None:
+        if fp_next is None and not last:
             data.inps = advance(layer, data.inps, data.kwargs)
             data.extra = advance(layer, data.extra, data.kwargs)
         else:
-            if agreement is not None:
-                observe(layer, data.inps, data.kwargs)  # the routing agreement's pass
-            data.inps, data.extra = fp_next
+            if agreement is not None:  # the routing agreement's pass
+                with outputs_skipped(unneeded_readers(view, [view.router])):
+                    observe(layer, data.inps, data.kwargs)
+                end_rounds(layer)
+            if fp_next is not None:
+                data.inps, data.extra = fp_next
     finally:
         if handle is not None:
             handle.remove()
-    data.rot = advance(layer, data.rot, data.kwargs)
+    if not last:
+        data.rot = advance(layer, data.rot, data.kwargs)
     if agreement is not None:
         info.update(agreement.summary(), expert_tokens=agreement.counts.tolist())
     return info
@@ -230,7 +237,8 @@ def quantize_calibrated(job: LayerJob, layer: nn.Module, view: LayerView, data: 
         with clock("gptq"):
             info["gptq"] = gptq_step(job, layer, view, data, lq)
     with clock("propagation"):
-        routed = propagate(job, layer, view, data, fp_next, fp_router)
+        last = view.index == len(decoder_layers(job.model, job.spec)) - 1
+        routed = propagate(job, layer, view, data, fp_next, fp_router, last)
     if stats is not None and view.is_moe:
         routed["expert_tokens"] = stats.router.counts.tolist()  # the FP layer's own routing, as observed
     info.update(routed)

@@ -55,6 +55,7 @@ class SiteInput(nn.Module):
         r = self._round
         if r.x is not x or r.version != x._version:
             self._end_round()
+            r = self._round
             r.x, r.version, r.transformed = x, x._version, self.act(x)
         key = (act_quant.bits, act_quant.sym, act_quant.clip_ratio, act_quant.with_zero)
         if key not in r.quantized:
@@ -146,6 +147,14 @@ class QLinear(nn.Module):
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         """Q_a(T.act(x)), shared with the site's other readers (`SiteInput`)."""
         return self.act_quant(x) if self.site is None else self.site.quantized(x, self.act_quant)
+
+
+def end_rounds(module: nn.Module) -> None:
+    """Drop every pending `SiteInput` round in `module`: a pass that skipped some readers of a site
+    (duquant/layerwise.py `outputs_skipped`) leaves its last round open, holding that batch."""
+    for m in module.modules():
+        if isinstance(m, SiteInput):
+            m._end_round()
 
 
 def unwrap(m: nn.Module) -> nn.Module:

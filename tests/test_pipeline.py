@@ -11,7 +11,8 @@ from duquant import fitting
 from duquant.pipeline import quantize_model
 from duquant.transforms import BlockRotation
 from models import get_spec
-from models.spec import moe_routers
+from models.experts import unfuse_experts
+from models.spec import decoder_layers, moe_routers
 
 from .conftest import ALL_ARCHS
 from .helpers import outlier_model, rel_err, tiny_data
@@ -153,3 +154,41 @@ def test_statistics_sample_is_the_rows_with_the_smallest_keys(dtype):
     assert stats.sample.dtype == torch.float32
     assert torch.equal(stats.sample, rows[order]) and torch.equal(stats._keys, keys[order])
     assert stats.count == rows.shape[0] and torch.equal(stats.absmax, rows.abs().amax(0))
+
+
+@pytest.mark.parametrize("arch, propagation", [("mixtral", "quantized"), ("qwen2_moe", "quantized"), ("olmoe", "fp")])
+def test_agreement_only_passes_compute_no_expert_and_change_nothing(arch, propagation, monkeypatch):
+    """The last layer's outputs feed no layer and an FP-propagated run's agreement pass only needs
+    the router: those passes skip the experts, with the same report and model as full passes."""
+    from duquant import pipeline
+
+    def run(skip: bool):
+        model, tok = outlier_model(arch)
+        calib, x = tiny_data(tok)
+        if not skip:
+            monkeypatch.setattr(pipeline, "unneeded_readers", lambda view, hooks: [])
+            monkeypatch.setattr(pipeline, "propagate", lambda *a: original(*a[:-1], False))
+        spec = get_spec(model)
+        expert_calls = []
+        last = decoder_layers(model, spec)[-1]
+        unfuse_experts(model, spec, len(decoder_layers(model, spec)) - 1)
+        downs = [m for n, m in last.named_modules() if n.endswith("down_proj") and isinstance(m, torch.nn.Linear)]
+        for m in downs:
+            m.register_forward_hook(lambda mod, i, out: expert_calls.append(bool(out.any())))
+        report = quantize_model(model, spec, calib, QuantConfig(4, 4), DuQuantConfig(**FAST, propagation=propagation), seed=0)
+        monkeypatch.undo()
+        with torch.no_grad():
+            return report, model(x).logits, expert_calls
+
+    original = pipeline.propagate
+    (rep_skip, out_skip, calls_skip), (rep_full, out_full, calls_full) = run(True), run(False)
+    assert rep_skip.layers == rep_full.layers and torch.equal(out_skip, out_full)
+    assert sum(calls_full) > sum(calls_skip)  # the skipped run computed fewer expert outputs
+
+
+def test_no_site_input_holds_a_batch_after_quantization():
+    from duquant.qlinear import SiteInput
+    model, tok = outlier_model("qwen2_moe")  # shared experts read the router's site
+    calib, _ = tiny_data(tok)
+    quantize_model(model, get_spec(model), calib, QuantConfig(4, 4), DuQuantConfig(**FAST), seed=0)
+    assert all(m._round.x is None for m in model.modules() if isinstance(m, SiteInput))

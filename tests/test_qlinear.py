@@ -35,6 +35,17 @@ def test_shared_input_matches_separate_transforms_and_is_released():
     assert all(q.transform is site.transform for q in shared)
 
 
+def test_a_round_transforms_its_input_once_for_all_readers(monkeypatch):
+    x, shared, _, site = _readers(3, [4, 8, 4])
+    calls = []
+    act = site.act
+    monkeypatch.setattr(site, "act", lambda t: calls.append(1) or act(t))
+    for _ in range(2):
+        for q in shared:
+            q(x)
+    assert len(calls) == 2  # once per round, not once per reader
+
+
 def test_in_place_change_between_readers_is_seen():
     x, shared, separate, _ = _readers(2, [4, 4])
     shared[0](x)
