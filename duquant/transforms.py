@@ -325,8 +325,10 @@ def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: 
 
     g is the spreading matrix [b, b], or one per block [n, b, b]; with `reflection` it is the signs
     of the reflection kind instead, one row per step ([steps, b] or [n, steps, b],
-    `_reflection_signs`), and each step and the kept product are rank-one updates. `stop` is what the kept prefix minimises: "absmax" (max |x|) or
-    "range" (max x - min x, the published code's score).
+    `_reflection_signs`), and each step and the kept product are rank-one updates (a per-block
+    search then runs in cache-sized pieces of blocks on a CPU, `SEARCH_PIECE_ENTRIES`). `stop` is
+    what the kept prefix minimises: "absmax" (max |x|) or "range" (max x - min x, the published
+    code's score).
 
     For the per-block rule xb holds only the candidate rows (`_stack_candidates`). A float32 xb
     becomes one of the search's two row buffers and is overwritten.
@@ -339,7 +341,8 @@ def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: 
     smallest max |x| (per block, or global), the identity included, so the result is never worse
     than no rotation.
 
-    The search is bound by its matmuls (steps x rows x b^2), so it runs in float32; it records
+    The dense kinds' search is bound by its matmuls (steps x rows x b^2), so it runs in float32
+    (the reflection steps too, with their kept product in float64, `_kept_reflections`); it records
     which channel each step spread and how many steps each block keeps, and `_kept_product` then
     multiplies only the kept steps, instead of a running product of every step (another b^3 per
     block and step, most of them past the block's last improvement). The kept product is snapped
