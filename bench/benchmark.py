@@ -13,7 +13,8 @@ Each phase runs in a fresh process so peak RSS is its own. --stream reads the de
 disk one at a time (main.py --stream), so the model itself no longer has to fit in memory.
 
 Beside it: bench/real_width.py times one decoder layer at the widths of OLMoE-1B-7B and
-Qwen3-30B-A3B, and bench/peer.py times our GPTQ W4A16 against llm-compressor's on the same windows.
+Qwen3-30B-A3B, bench/rotation_search.py the rotation fit with each spreading kind, and bench/peer.py
+our GPTQ W4A16 against llm-compressor's on the same windows.
 """
 from __future__ import annotations
 

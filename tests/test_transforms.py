@@ -390,3 +390,13 @@ def test_a_reflection_search_in_pieces_gives_the_same_bits(monkeypatch):
     monkeypatch.setattr(transforms, "SEARCH_PIECE_ENTRIES", 2 * 90 * 16)  # pieces of 2 blocks
     for k, g in (("one", signs), ("per", per_block)):
         assert torch.equal(transforms._greedy_rotation(x.clone(), 20, g, False, reflection=True), whole[k])
+
+
+def test_reflection_rotations_handle_a_tail_block():
+    x = _outlier_acts(tokens=256, channels=200, outliers=(3, 195))
+    rot = transforms.fit_block_rotations([x], block_size=64, max_steps=16, spreading="reflection")[0]
+    assert rot.blocks.shape == (3, 64, 64) and rot.tail.shape == (8, 8)
+    _assert_orthogonal(rot)
+    y = rot.act(x)
+    assert y[:, 192:].abs().max() < 0.5 * x[:, 192:].abs().max()
+    assert y[:, :64].abs().max() < 0.5 * x[:, :64].abs().max()
