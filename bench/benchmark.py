@@ -30,6 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from search_options import add_search_options, search_options  # noqa: E402  (bench/, beside this script)
+
 
 def best_time(work, repeats: int = 2) -> float:
     """The shortest of `repeats` timings: passes of a few seconds vary by 20-40% on a shared
@@ -67,7 +69,7 @@ def phase(args) -> dict:
     if args.phase == "quantize":
         t = time.time()
         method = DuQuantConfig(rotation_tokens=args.rotation_tokens, max_rotation_step=args.max_rotation_step,
-                               fit_order=args.fit_order, spreading=args.spreading)
+                               **search_options(args))
         report = quantize_model(model, spec, calib, QuantConfig(4, 4, **default_weight_clip(4)), method, seed=0)
         out["quantize_s"] = time.time() - t
         out["quantize_steps_s"] = report.timings  # statistics, fitting (the rotation searches), propagation
@@ -77,8 +79,6 @@ def phase(args) -> dict:
 
 
 def main() -> None:
-    from duquant.config import CHOICES, DuQuantConfig
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo-mixtral")
     p.add_argument("--nsamples", type=int, default=128)
@@ -86,10 +86,7 @@ def main() -> None:
     p.add_argument("--eval_windows", type=int, default=40)
     p.add_argument("--rotation_tokens", type=int, default=2048, help="rows per site for the rotation search")
     p.add_argument("--max_rotation_step", type=int, default=256, help="greedy rotation steps (DuQuant's default 256)")
-    p.add_argument("--fit_order", choices=CHOICES["fit_order"], default=DuQuantConfig.fit_order,
-                   help="sites fitted depth by depth on the partly quantized layer (main.py's default), or all on the FP layer")
-    p.add_argument("--spreading", choices=CHOICES["spreading"], default=DuQuantConfig.spreading,
-                   help="the greedy steps' spreading (reflection: rank-one steps, docs/speed.md)")
+    add_search_options(p)
     p.add_argument("--stream", action="store_true", help="decoder layers read from disk one at a time")
     p.add_argument("--phase", choices=["quantize"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args()

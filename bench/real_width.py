@@ -28,6 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from search_options import add_search_options, search_options  # noqa: E402  (bench/, beside this script)
+
 # Dimensions from the models' published config.json files; one layer, a small vocabulary.
 SHAPES = {
     "olmoe": dict(model_type="olmoe", hidden_size=2048, intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
@@ -70,7 +72,7 @@ def quantize_s(model, spec, calib: torch.Tensor, args) -> tuple[float, dict, str
     from duquant.recipes import default_weight_clip
 
     method = DuQuantConfig(rotation_tokens=args.rotation_tokens, max_rotation_step=args.max_rotation_step,
-                           spreading=args.spreading, fit_order=args.fit_order)
+                           **search_options(args))
     prof = cProfile.Profile() if args.profile else None
     t = time.time()
     if prof:
@@ -102,18 +104,13 @@ def measure(name: str, args) -> dict:
 
 
 def main() -> None:
-    from duquant.config import CHOICES, DuQuantConfig
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=[*SHAPES, "all"], default="all")
     p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--rotation_tokens", type=int, default=2048, help="rows per site for the rotation search")
     p.add_argument("--max_rotation_step", type=int, default=256)
-    p.add_argument("--spreading", choices=CHOICES["spreading"], default=DuQuantConfig.spreading,
-                   help="the greedy steps' spreading (reflection: rank-one steps, docs/speed.md)")
-    p.add_argument("--fit_order", choices=CHOICES["fit_order"], default=DuQuantConfig.fit_order,
-                   help="sites fitted depth by depth on the partly quantized layer (main.py's default), or all on the FP layer")
+    add_search_options(p)
     p.add_argument("--wbits", type=int, default=4)
     p.add_argument("--abits", type=int, default=4)
     p.add_argument("--vocab", type=int, default=1024)

@@ -147,14 +147,14 @@ def site_rows(model, spec: ModelSpec, layer: nn.Module, view: LayerView, data: C
     inside_attention = set(view.attn.modules())
     until = view.attn if all(h in inside_attention for h in hooks) else None
     routed = routed_expert_inputs(view) & set(hooks)
-    with collect(hooks, None, 0, cap, seed) as rows, _routing(model, spec, view, route_all), \
-            outputs_skipped(unneeded_readers(view, hooks)):
+    skipped = unneeded_readers(view, hooks)
+    with collect(hooks, None, 0, cap, seed) as rows, _routing(model, spec, view, route_all), outputs_skipped(skipped):
         observe(layer, rot or data.inps, data.kwargs, until)
         if not rot and data.extra and routed:
             rows.frozen = set(rows.inputs) - routed
             observe(layer, data.extra, data.kwargs)
     if fill is not None and routed:
-        with _routing(model, spec, view, route_all), outputs_skipped(unneeded_readers(view, hooks)):
+        with _routing(model, spec, view, route_all), outputs_skipped(skipped):
             fill_expert_rows(layer, view, rows, fill[0], data.kwargs, fill[1])
     return rows
 

@@ -352,10 +352,11 @@ def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: 
     small ones survive it, fragments the heap (resident memory grew by tens of MB per layer that
     way) and costs page faults.
     """
-    per = max(1, SEARCH_PIECE_ENTRIES // max(1, xb[0].numel())) if xb.shape[0] else 1
-    if reflection and not shared and xb.device.type == "cpu" and per < xb.shape[0]:
-        return torch.cat([_greedy_rotation(xb[i : i + per], max_steps, g if g.dim() == 2 else g[i : i + per], False, stop, True)
-                          for i in range(0, xb.shape[0], per)])
+    if reflection and not shared and xb.device.type == "cpu" and xb.shape[0] > 1:
+        per = max(1, SEARCH_PIECE_ENTRIES // max(1, xb[0].numel()))
+        if per < xb.shape[0]:
+            return torch.cat([_greedy_rotation(xb[i : i + per], max_steps, g if g.dim() == 2 else g[i : i + per], False,
+                                               stop, True) for i in range(0, xb.shape[0], per)])
     cur = xb.float()
 
     def peak(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
