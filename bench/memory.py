@@ -9,6 +9,9 @@ Only one decoder layer and the calibration activations live on the accelerator, 
                 + (nsamples + 1) x seqlen x hidden x act_bytes (the calibration activations, advanced
                                                                 through the layer in place: one copy and
                                                                 one sequence's output)
+                + nsamples x seqlen x max(hidden, o_proj's input width) x act_bytes (the sequential
+                  fit order's record of the attention, which its refresh passes replay:
+                  duquant/attention_replay.py)
                 + the larger of (not at the same time):
                   2 x largest matrix in fp32                   (the transformed working copy and its quantized result)
                   the rotation fit of the widest group of same-width sites searched together (the
@@ -54,10 +57,11 @@ def matrices(layer: torch.nn.Module) -> list[tuple[int, int, int]]:
     return out
 
 
-def site_inputs(model, spec, index: int) -> list[tuple[int, int]]:
+def site_inputs(model, spec, index: int) -> tuple[list[tuple[int, int]], int]:
     """(count, width) of the distinct inputs of layer `index`, as statistics and Hessians see them:
-    its declared sites (models/sites.py), the routed experts' sites of one kind counted together.
-    Unfused on the meta device when the model is there, so no expert weight is allocated."""
+    its declared sites (models/sites.py), the routed experts' sites of one kind counted together;
+    and o_proj's input width. Unfused on the meta device when the model is there, so no expert
+    weight is allocated."""
     from collections import Counter
 
     from models.experts import unfuse_experts
@@ -68,7 +72,7 @@ def site_inputs(model, spec, index: int) -> list[tuple[int, int]]:
         unfuse_experts(model, spec, index)
     view = resolve(spec, decoder_layers(model, spec)[index], model.config, index)
     counts = Counter((site.expert is not None, site.fold, site.hook.weight.shape[1]) for site in layer_sites(view))
-    return [(count, width) for (_, _, width), count in counts.items()]
+    return [(count, width) for (_, _, width), count in counts.items()], view.attn_out.weight.shape[1]
 
 
 def predict(model, spec, nsamples: int, seqlen: int, rotation_tokens: int, gptq: bool, cpu: bool,
@@ -82,17 +86,19 @@ def predict(model, spec, nsamples: int, seqlen: int, rotation_tokens: int, gptq:
     per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
     big = max(range(len(layers)), key=per_layer.__getitem__)
     mats = matrices(layers[big])
-    inputs = site_inputs(model, spec, big)
+    inputs, o_width = site_inputs(model, spec, big)
     d = {
         "layer_weights": per_layer[big] * wbytes,
         "activations": (nsamples + 1) * seqlen * hidden * wbytes,
+        "attention_record": nsamples * seqlen * max(hidden, o_width) * wbytes,
         "working_copy": 2 * 4 * max(o * i for _, o, i in mats),
         "gptq_hessians": sum(count * 4 * width**2 for count, width in inputs) if gptq else 0,
     }
     model_bytes = sum(p.numel() for p in model.parameters()) * wbytes
     stats = sum(count * rotation_tokens * width * 4 for count, width in inputs)
     fit = max(min(count, sites_per_search(rotation_tokens * width)) * width for count, width in inputs) * rotation_tokens * 20
-    device = d["layer_weights"] + d["activations"] + max(d["working_copy"], fit) + d["gptq_hessians"]
+    device = (d["layer_weights"] + d["activations"] + d["attention_record"] + max(d["working_copy"], fit)
+              + d["gptq_hessians"])
     resident = model_bytes - (sum(per_layer) - per_layer[big]) * wbytes if stream else model_bytes
     host = resident + stats + (device - d["layer_weights"] if cpu else 0)
     return {"model_bytes": model_bytes, "host_model_bytes": resident, **d, "stats": stats,

@@ -154,6 +154,22 @@ def input_hooks(modules, fn):
 
 
 @contextmanager
+def forward_replaced(modules, forward_of):
+    """While the block runs, each of `modules` runs `forward_of(module)` instead of its forward; its
+    hooks still run. A forward the module already had on its instance (e.g. a hook library's
+    wrapper) is put back after."""
+    own = {m: m.__dict__["forward"] for m in modules if "forward" in m.__dict__}
+    for m in modules:
+        m.forward = forward_of(m)
+    try:
+        yield
+    finally:
+        for m in modules:
+            del m.forward
+            if m in own:
+                m.forward = own[m]
+
+
 def outputs_skipped(linears):
     """While the block runs, each of `linears` (an nn.Linear, or a module around one with its
     `weight`) returns zeros of its output's shape instead of computing it; its hooks still run. A
@@ -162,16 +178,7 @@ def outputs_skipped(linears):
     def zeros(linear: nn.Module):
         return lambda x: x.new_zeros(*x.shape[:-1], linear.weight.shape[0])
 
-    own = {m: m.__dict__["forward"] for m in linears if "forward" in m.__dict__}  # e.g. a hook library's wrapper
-    for m in linears:
-        m.forward = zeros(m)
-    try:
-        yield
-    finally:
-        for m in linears:
-            del m.forward
-            if m in own:
-                m.forward = own[m]
+    return forward_replaced(linears, zeros)
 
 
 def windows(hidden: list[torch.Tensor]):

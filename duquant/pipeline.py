@@ -31,6 +31,7 @@ from models.spec import LayerView, ModelSpec, decoder_layers, resolve
 
 from . import kvquant, resume
 from .agreement import RoutingAgreement
+from .attention_replay import AttentionReplay
 from .calibration import Calibration, calibration, fp_outputs, layer_statistics, site_rows, unneeded_readers
 from .config import DuQuantConfig, GPTQConfig, QuantConfig
 from .fitting import LayerQuantizer, quantize_layer
@@ -167,13 +168,14 @@ def observe_layer(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibr
                             fill)
 
 
-def row_refresh(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibration, fill):
+def row_refresh(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibration, fill, replay: list):
     """With `fit_order="sequential"`, what step 2 calls before each depth of sites: their rows in the
-    layer with the earlier sites already quantized (None: every site fits on the FP layer's rows)."""
+    layer with the earlier sites already quantized (None: every site fits on the FP layer's rows).
+    Each pass leaves its record of the attention in `replay` for the next (duquant/attention_replay.py)."""
     if job.cfg.fit_order != "sequential":
         return None
     return lambda sites: site_rows(job.model, job.spec, layer, view, data, job.cfg, job.seed + view.index,
-                                   job.route_all, [s.hook for s in sites], fill)
+                                   job.route_all, [s.hook for s in sites], fill, replay)
 
 
 def gptq_step(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibration, lq: LayerQuantizer) -> dict:
@@ -189,23 +191,28 @@ def gptq_step(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibratio
 
 
 def propagate(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibration, fp_next,
-              fp_router: nn.Module | None, last: bool) -> dict:
+              fp_router: nn.Module | None, last: bool, replay: list) -> dict:
     """Step 4: the next layer's inputs (this layer's quantized outputs, or its FP outputs computed
     before quantizing), with the routing agreement of the quantized router measured on the way.
     After the `last` layer no layer reads them, so its inputs stay as they are; a pass that is only
-    for the agreement (that one, or with FP propagation) computes no expert (`unneeded_readers`)."""
+    for the agreement (that one, or with FP propagation) computes no expert (`unneeded_readers`).
+    The attention is replayed from the last refresh pass's record where it still holds (`replay`;
+    GPTQ has rounded the attention's weights since, so it passes none)."""
     info: dict = {}
     handle = agreement = None
+    attention = AttentionReplay(view.attn, view.attn_out, replay[0] if replay else None, None, frozenset())
     if view.is_moe and fp_router is not None:
         agreement = RoutingAgreement(fp_router, view.routing)
         handle = view.mlp.get_submodule(job.spec.router).register_forward_hook(agreement)
     try:
         if fp_next is None and not last:
-            data.inps = advance(layer, data.inps, data.kwargs)
-            data.extra = advance(layer, data.extra, data.kwargs)
+            with attention.batches("inps", len(data.inps)):
+                data.inps = advance(layer, data.inps, data.kwargs)
+            with attention.batches("extra", len(data.extra)):
+                data.extra = advance(layer, data.extra, data.kwargs)
         else:
             if agreement is not None:  # the routing agreement's pass
-                with outputs_skipped(unneeded_readers(view, [view.router])):
+                with outputs_skipped(unneeded_readers(view, [view.router])), attention.batches("inps", len(data.inps)):
                     observe(layer, data.inps, data.kwargs)
                 end_rounds(layer)
             if fp_next is not None:
@@ -214,7 +221,8 @@ def propagate(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibratio
         if handle is not None:
             handle.remove()
     if not last:
-        data.rot = advance(layer, data.rot, data.kwargs)
+        with attention.batches("rot", len(data.rot)):
+            data.rot = advance(layer, data.rot, data.kwargs)
     if agreement is not None:
         info.update(agreement.summary(), expert_tokens=agreement.counts.tolist())
     return info
@@ -229,16 +237,17 @@ def quantize_calibrated(job: LayerJob, layer: nn.Module, view: LayerView, data: 
         fill = expert_fill(job, layer, view, data, fp_next)
         stats, observed = observe_layer(job, layer, view, data, lq, fill)
         info.update(observed)
+    replay: list = []  # the refresh passes' record of the attention (duquant/attention_replay.py)
     with clock("fitting"):
         attach_kv_quant(job, view)  # before fitting: sequential fitting sees attention KV-quantized
-        layer_info, fp_router = quantize_layer(view, stats, lq, row_refresh(job, layer, view, data, fill))
+        layer_info, fp_router = quantize_layer(view, stats, lq, row_refresh(job, layer, view, data, fill, replay))
         info.update(layer_info)
     if job.gptq is not None:
         with clock("gptq"):
             info["gptq"] = gptq_step(job, layer, view, data, lq)
     with clock("propagation"):
         last = view.index == len(decoder_layers(job.model, job.spec)) - 1
-        routed = propagate(job, layer, view, data, fp_next, fp_router, last)
+        routed = propagate(job, layer, view, data, fp_next, fp_router, last, replay if job.gptq is None else [])
     if stats is not None and view.is_moe:
         routed["expert_tokens"] = stats.router.counts.tolist()  # the FP layer's own routing, as observed
     info.update(routed)

@@ -391,3 +391,48 @@ def test_refresh_rows_are_a_full_pass_rows_while_attention_only_passes_skip_the_
             assert got[h].count == want[h].count and torch.equal(got[h].sample, want[h].sample)
     for h in handles:
         h.remove()
+
+
+# One family per attention kind: multi-head and grouped, MLA, sinks (eager), linear attention, fused QKV.
+REPLAY_CASES = [(a, {}) for a in ["mixtral", "qwen2_moe", "deepseek", "llama", "deepseek_v3", "gpt_oss", "qwen3_next",
+                                  "dbrx", "llama4_text"]] + [
+    ("mixtral", {"rotation_data": "mean"}), ("olmoe", {"rotation_data": "layer_mean", "propagation": "fp"})]
+
+
+@pytest.mark.parametrize("arch, options", REPLAY_CASES)
+def test_refresh_passes_that_replay_the_attention_give_the_same_model(arch, options, monkeypatch):
+    """Sequential fitting's refresh passes, and the propagation after them, replay the attention
+    from the previous pass's record (duquant/attention_replay.py): the quantized model and the next
+    layers' inputs must be bitwise the ones every pass computes, and every MoE or MLP pass and every
+    propagation must have replayed, except where the attention returns its weights (gpt-oss's
+    eager attention with sinks), which a record would have to hold."""
+    from duquant import attention_replay
+    replayed = []
+    original = attention_replay.AttentionReplay._replaying
+
+    def counted(self, old, kind):
+        replayed.append(kind)
+        return original(self, old, kind)
+
+    monkeypatch.setattr(attention_replay.AttentionReplay, "_replaying", counted)
+    outs = []
+    for replay in (True, False):
+        if not replay:
+            monkeypatch.setattr(attention_replay.AttentionReplay, "_holds", staticmethod(lambda *_: False))
+        model, tok = outlier_model(arch) if arch in ALL_ARCHS else tiny_model(arch)
+        calib, x = tiny_data(tok)
+        extra, _ = tiny_data(tok, nsamples=1)
+        spec = get_spec(model)
+        quant = QuantConfig(4, 4, 16 if spec.kv_quant_unsupported else None)  # MLA: no KV quantization
+        quantize_model(model, spec, calib, quant, DuQuantConfig(**{**FAST, "fit_at_16_bits": False, **options}),
+                       seed=0, expert_extra_ids=extra)
+        with torch.no_grad():
+            outs.append(model(x).logits)
+        if replay:
+            layers = 0 if arch == "gpt_oss" else model.config.num_hidden_layers
+            # per layer the MLP-input pass replays o_proj's inputs, the down-in pass the outputs, and so
+            # does the propagation after every layer but the last (of the sequences the refresh passes
+            # saw: none of "layer_mean"'s, which is each layer's own mean input)
+            propagations = 0 if options.get("rotation_data") == "layer_mean" else layers - 1
+            assert replayed.count("o_in") == layers and replayed.count("output") >= layers + propagations, replayed
+    assert torch.equal(outs[0], outs[1])
