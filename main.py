@@ -250,7 +250,8 @@ def quantize_step(run: RunConfig, model, spec, tokenizer, device, ext: Extension
     partial = checkpoint_dir(out_dir, run.fingerprint(), run.output.resume)
     report = quantize_model(model, spec, calib, run.quant, run.duquant, ext, device=device, seed=run.seed,
                             route_all=run.data.route_all_tokens, expert_extra_ids=extra, gptq=run.gptq,
-                            profile_layer=profile_layer, checkpoint_dir=partial, expert_fill_ratio=run.eaquant.fill_ratio)
+                            profile_layer=profile_layer, checkpoint_dir=partial, expert_fill_ratio=run.eaquant.fill_ratio,
+                            replay_attention=run.output.replay_attention)
     if report.resumed_from:
         print(f"resumed: layers 0..{report.resumed_from - 1} restored from {partial}")
         result["resumed_from_layer"] = report.resumed_from

@@ -125,6 +125,7 @@ class LayerJob:
     route_all: bool
     profile_layer: int | None
     expert_fill_ratio: float = 0.0
+    replay_attention: bool = True
 
     def routing_all(self, view: LayerView):
         return route_all_tokens(self.model, self.spec, enabled=self.route_all and view.is_moe, layer=view.index)
@@ -168,10 +169,11 @@ def observe_layer(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibr
                             fill)
 
 
-def row_refresh(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibration, fill, replay: list):
+def row_refresh(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibration, fill, replay: list | None):
     """With `fit_order="sequential"`, what step 2 calls before each depth of sites: their rows in the
     layer with the earlier sites already quantized (None: every site fits on the FP layer's rows).
-    Each pass leaves its record of the attention in `replay` for the next (duquant/attention_replay.py)."""
+    Each pass leaves its record of the attention in `replay` for the next (duquant/attention_replay.py;
+    None: every pass computes it)."""
     if job.cfg.fit_order != "sequential":
         return None
     return lambda sites: site_rows(job.model, job.spec, layer, view, data, job.cfg, job.seed + view.index,
@@ -191,13 +193,13 @@ def gptq_step(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibratio
 
 
 def propagate(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibration, fp_next,
-              fp_router: nn.Module | None, last: bool, replay: list) -> dict:
+              fp_router: nn.Module | None, last: bool, replay: list | None) -> dict:
     """Step 4: the next layer's inputs (this layer's quantized outputs, or its FP outputs computed
     before quantizing), with the routing agreement of the quantized router measured on the way.
     After the `last` layer no layer reads them, so its inputs stay as they are; a pass that is only
     for the agreement (that one, or with FP propagation) computes no expert (`unneeded_readers`).
     The attention is replayed from the last refresh pass's record where it still holds (`replay`;
-    GPTQ has rounded the attention's weights since, so it passes none)."""
+    None without one, or where GPTQ has rounded the attention's weights since)."""
     info: dict = {}
     handle = agreement = None
     attention = AttentionReplay(view.attn, view.attn_out, replay[0] if replay else None, None, frozenset())
@@ -237,17 +239,18 @@ def quantize_calibrated(job: LayerJob, layer: nn.Module, view: LayerView, data: 
         fill = expert_fill(job, layer, view, data, fp_next)
         stats, observed = observe_layer(job, layer, view, data, lq, fill)
         info.update(observed)
-    replay: list = []  # the refresh passes' record of the attention (duquant/attention_replay.py)
+    replay = [] if job.replay_attention else None  # the refresh passes' record of the attention
     with clock("fitting"):
         attach_kv_quant(job, view)  # before fitting: sequential fitting sees attention KV-quantized
         layer_info, fp_router = quantize_layer(view, stats, lq, row_refresh(job, layer, view, data, fill, replay))
         info.update(layer_info)
     if job.gptq is not None:
+        replay = None  # GPTQ rounds the attention's weights: its record no longer holds
         with clock("gptq"):
             info["gptq"] = gptq_step(job, layer, view, data, lq)
     with clock("propagation"):
         last = view.index == len(decoder_layers(job.model, job.spec)) - 1
-        routed = propagate(job, layer, view, data, fp_next, fp_router, last, replay if job.gptq is None else [])
+        routed = propagate(job, layer, view, data, fp_next, fp_router, last, replay)
     if stats is not None and view.is_moe:
         routed["expert_tokens"] = stats.router.counts.tolist()  # the FP layer's own routing, as observed
     info.update(routed)
@@ -259,7 +262,7 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor | None, quant
                    ext: Extensions | None = None, device="cpu", seed: int = 0, route_all: bool = False,
                    expert_extra_ids: torch.Tensor | None = None, gptq: GPTQConfig | None = None,
                    profile_layer: int | None = None, checkpoint_dir: Path | None = None,
-                   expert_fill_ratio: float = 0.0) -> Report:
+                   expert_fill_ratio: float = 0.0, replay_attention: bool = True) -> Report:
     """Quantize `model` in place, one decoder layer at a time on `device`.
 
     `calib_ids` may be None for a data-free run (`needs_calibration` is False).
@@ -270,9 +273,12 @@ def quantize_model(model, spec: ModelSpec, calib_ids: torch.Tensor | None, quant
     With `checkpoint_dir`, every finished layer is checkpointed there and a rerun resumes after
     the last one (see `duquant.resume`). `expert_fill_ratio` r > 0 tops up the routed experts'
     rotation rows as the published EAQuant code's calibration balance does (`expert_fill`).
+    `replay_attention` lets sequential fitting's later passes replay the attention instead of
+    computing it (duquant/attention_replay.py): the same results, for one more copy of the
+    calibration activations while a layer is fitted.
     """
     job = LayerJob(model, spec, quant, cfg, ext or Extensions(), gptq, torch.device(device), seed, route_all,
-                   profile_layer, expert_fill_ratio)
+                   profile_layer, expert_fill_ratio, replay_attention)
     report = Report()
     clock = Clock(report.timings)
     t0 = time.time()

@@ -64,6 +64,7 @@ class OutputConfig:
     resume: bool = True
     stream: bool = False
     stream_dir: str | None = None
+    replay_attention: bool = True
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,9 @@ def _everyday(p: argparse.ArgumentParser, show_all: bool) -> None:
                    help="continue a killed run from <output_dir>/partial (--no-resume starts over)")
     g.add_argument("--stream", action="store_true", help="read decoder layers from disk one at a time (models larger than RAM)")
     g.add_argument("--stream_dir", type=Path, default=None, help="with --stream, where quantized layers are kept (default: a temporary directory)")
+    g.add_argument("--replay_attention", action=argparse.BooleanOptionalAction, default=True,
+                   help="sequential fitting replays each layer's attention in its later passes: the same results, "
+                        "for one more copy of the calibration activations (--no-replay_attention saves it)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any option of the method configurations, e.g. --set min_expert_tokens=8 (--help-recipes lists them)")
     g.add_argument("--help-recipes", action="store_true", help="list the recipes and every key --set reaches, then exit")
@@ -508,7 +512,8 @@ def build_config(argv: list[str]) -> RunConfig:
     data, evaluation = _common_sections(args)
     out = OutputConfig(str(args.output_dir or default_output_dir(args.model, method, quant)),
                        None if args.save_dir is None else str(args.save_dir), tuple(args.export) if args.export else None,
-                       None, args.resume, args.stream, None if args.stream_dir is None else str(args.stream_dir))
+                       None, args.resume, args.stream, None if args.stream_dir is None else str(args.stream_dir),
+                       args.replay_attention)
     run = RunConfig(args.model, method, args.method, recipe, args.seed, args.device, args.dtype, data, quant, duq,
                     ea, mq, gptq, evaluation, out, kv_bits_given="kv_bits" in given)
     return apply_sets(run, args.set)

@@ -396,7 +396,8 @@ def test_refresh_rows_are_a_full_pass_rows_while_attention_only_passes_skip_the_
 # One family per attention kind: multi-head and grouped, MLA, sinks (eager), linear attention, fused QKV.
 REPLAY_CASES = [(a, {}) for a in ["mixtral", "qwen2_moe", "deepseek", "llama", "deepseek_v3", "gpt_oss", "qwen3_next",
                                   "dbrx", "llama4_text"]] + [
-    ("mixtral", {"rotation_data": "mean"}), ("olmoe", {"rotation_data": "layer_mean", "propagation": "fp"})]
+    ("mixtral", {"rotation_data": "mean"}), ("olmoe", {"rotation_data": "layer_mean", "propagation": "fp"}),
+    ("mixtral", {"gptq": True})]
 
 
 @pytest.mark.parametrize("arch, options", REPLAY_CASES)
@@ -405,8 +406,10 @@ def test_refresh_passes_that_replay_the_attention_give_the_same_model(arch, opti
     from the previous pass's record (duquant/attention_replay.py): the quantized model and the next
     layers' inputs must be bitwise the ones every pass computes, and every MoE or MLP pass and every
     propagation must have replayed, except where the attention returns its weights (gpt-oss's
-    eager attention with sinks), which a record would have to hold."""
+    eager attention with sinks), which a record would have to hold, and after GPTQ, which rounds the
+    attention's weights after fitting."""
     from duquant import attention_replay
+    from duquant.config import GPTQConfig
     replayed = []
     original = attention_replay.AttentionReplay._replaying
 
@@ -417,15 +420,15 @@ def test_refresh_passes_that_replay_the_attention_give_the_same_model(arch, opti
     monkeypatch.setattr(attention_replay.AttentionReplay, "_replaying", counted)
     outs = []
     for replay in (True, False):
-        if not replay:
-            monkeypatch.setattr(attention_replay.AttentionReplay, "_holds", staticmethod(lambda *_: False))
         model, tok = outlier_model(arch) if arch in ALL_ARCHS else tiny_model(arch)
         calib, x = tiny_data(tok)
         extra, _ = tiny_data(tok, nsamples=1)
         spec = get_spec(model)
         quant = QuantConfig(4, 4, 16 if spec.kv_quant_unsupported else None)  # MLA: no KV quantization
-        quantize_model(model, spec, calib, quant, DuQuantConfig(**{**FAST, "fit_at_16_bits": False, **options}),
-                       seed=0, expert_extra_ids=extra)
+        cfg = {k: v for k, v in options.items() if k != "gptq"}
+        quantize_model(model, spec, calib, quant, DuQuantConfig(**{**FAST, "fit_at_16_bits": False, **cfg}),
+                       seed=0, expert_extra_ids=extra, gptq=GPTQConfig() if options.get("gptq") else None,
+                       replay_attention=replay)
         with torch.no_grad():
             outs.append(model(x).logits)
         if replay:
@@ -433,6 +436,14 @@ def test_refresh_passes_that_replay_the_attention_give_the_same_model(arch, opti
             # per layer the MLP-input pass replays o_proj's inputs, the down-in pass the outputs, and so
             # does the propagation after every layer but the last (of the sequences the refresh passes
             # saw: none of "layer_mean"'s, which is each layer's own mean input)
-            propagations = 0 if options.get("rotation_data") == "layer_mean" else layers - 1
+            propagations = 0 if options.get("rotation_data") == "layer_mean" or options.get("gptq") else layers - 1
             assert replayed.count("o_in") == layers and replayed.count("output") >= layers + propagations, replayed
+            replayed.clear()
+    assert not replayed  # --no-replay_attention computes every pass
     assert torch.equal(outs[0], outs[1])
+
+
+def test_no_replay_attention_is_a_run_option_outside_the_fingerprint():
+    """--no-replay_attention is a memory choice, not a method's: a partial run resumes across it."""
+    run = main.build_config(["--no-replay_attention"])
+    assert run.output.replay_attention is False and run.fingerprint() == main.build_config([]).fingerprint()
