@@ -2,11 +2,11 @@
 
 Sequential fitting (duquant/fitting.py) observes a layer again before each depth of sites, with the
 earlier depths wrapped (duquant/calibration.py `site_rows`). Between the o-in pass and the next one
-only o_proj has changed, and between a pass through the MLP and the next one nothing in the attention
-has; yet each pass used to run the whole attention again, which at 2048 tokens a sequence is most of a
-layer's work. So the o-in pass records each batch's o_proj input, the next pass runs the attention
-as the (now wrapped) o_proj of it and records the attention's outputs, and the pass after replays
-those. Inputs, weights and kernels are the same as in a computed pass, so the rows are the same bits
+only o_proj has changed, and between a pass through the MLP and the next one (or the propagation,
+duquant/pipeline.py) nothing in the attention has, while the attention is most of a layer's work at
+2048 tokens a sequence. So the o-in pass records each batch's o_proj input, the next pass runs the
+attention as the (now wrapped) o_proj of it and records the attention's outputs, and the passes
+after replay those. Inputs, weights and kernels are the same as in a computed pass, so the rows are the same bits
 (tests/test_fidelity.py); each record costs one copy of the calibration activations while it lives.
 
 A record is used only where it is still true: `AttentionReplay` checks which readers were wrapped
