@@ -136,7 +136,7 @@ def calibration_segments(name: str, tokenizer, nsamples: int, seqlen: int, seed:
             )
         i = rng.randrange(len(docs))
         if i not in encoded:
-            encoded[i] = tokenizer(docs[i], return_tensors="pt", verbose=False).input_ids[0]
+            encoded[i] = torch.tensor(tokenizer(docs[i], return_attention_mask=False, verbose=False)["input_ids"])
         ids = encoded[i]
         if ids.numel() <= seqlen:
             continue
