@@ -42,6 +42,13 @@ class AttentionRecord:
     batches: dict[str, list[_Batch | None]] = field(default_factory=dict)
 
 
+@dataclass
+class Handoff:
+    """Where each refresh pass of a layer leaves its record for the next pass (or the propagation)."""
+
+    record: AttentionRecord | None = None
+
+
 def _returned(y: torch.Tensor, rest: tuple | None):
     return y if rest is None else (y, *rest)
 

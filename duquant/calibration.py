@@ -15,7 +15,7 @@ from models.experts import route_all_tokens
 from models.sites import layer_sites
 from models.spec import LayerView, ModelSpec
 
-from .attention_replay import AttentionReplay
+from .attention_replay import AttentionReplay, Handoff
 from .config import DuQuantConfig
 from .fp_stats import FPLayerStats, fp_site_statistics
 from .layerwise import advance, capture_layer_inputs, input_hooks, observe, outputs_skipped
@@ -138,14 +138,14 @@ def unneeded_readers(view: LayerView, hooks: list[nn.Module]) -> list[nn.Module]
 
 def site_rows(model, spec: ModelSpec, layer: nn.Module, view: LayerView, data: Calibration, cfg: DuQuantConfig,
               seed: int, route_all: bool, hooks: list[nn.Module], fill: tuple | None = None,
-              replay: list | None = None) -> LayerStats:
+              replay: Handoff | None = None) -> LayerStats:
     """The rotation rows of `hooks` in the layer as it is now (`fit_order="sequential"`): drawn as
     `layer_statistics` draws them (the rotation sequence, or a sample of the calibration inputs with
     the expert-only extra data, which only routed experts' sites read), topped up by `fill` the same
     way. The linears no hooked input depends on are skipped (`unneeded_readers`), and attention-only
-    hooks stop each batch's forward after the attention. `replay` holds the previous pass's
-    `AttentionRecord` (or None) and gets this pass's: the pass then replays the attention where the
-    record still holds (duquant/attention_replay.py)."""
+    hooks stop each batch's forward after the attention. `replay` holds the previous pass's record
+    of the attention and gets this pass's: the pass replays the attention where the previous record
+    still holds (duquant/attention_replay.py); None: the attention is computed and nothing recorded."""
     rot = rotation_sequence(data, cfg)
     cap = rot[0].shape[1] if rot else cfg.rotation_tokens
     inside_attention = set(view.attn.modules())
@@ -161,7 +161,7 @@ def site_rows(model, spec: ModelSpec, layer: nn.Module, view: LayerView, data: C
             with attention.batches("extra", len(data.extra)):
                 observe(layer, data.extra, data.kwargs)
     if replay is not None:
-        replay[:] = [attention.record]
+        replay.record = attention.record
     if fill is not None and routed:
         with _routing(model, spec, view, route_all), outputs_skipped(skipped):
             fill_expert_rows(layer, view, rows, fill[0], data.kwargs, fill[1])
@@ -169,7 +169,7 @@ def site_rows(model, spec: ModelSpec, layer: nn.Module, view: LayerView, data: C
 
 
 def _attention_replay(view: LayerView, hooks: list[nn.Module], attention_only: bool,
-                      replay: list | None) -> AttentionReplay:
+                      replay: Handoff | None) -> AttentionReplay:
     """This pass's `AttentionReplay`: the o-in pass records o_proj's inputs, a pass through the MLP
     records the attention's outputs (for the next pass, or the propagation after the last), and the
     readers of `hooks`' sites are the ones wrapped before the next pass reads the record."""
@@ -178,7 +178,7 @@ def _attention_replay(view: LayerView, hooks: list[nn.Module], attention_only: b
         kind = ("o_in" if view.attn_out in hooks else None) if attention_only else "output"
     sites = layer_sites(view)
     wrapped = frozenset(r for s in sites if s.hook in hooks for r in s.readers)
-    previous = replay[0] if replay and not attention_only else None  # its hooks need the attention run
+    previous = replay.record if replay is not None and not attention_only else None  # its hooks need the attention run
     return AttentionReplay(view.attn, view.attn_out, previous, kind, wrapped)
 
 

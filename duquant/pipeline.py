@@ -31,7 +31,7 @@ from models.spec import LayerView, ModelSpec, decoder_layers, resolve
 
 from . import kvquant, resume
 from .agreement import RoutingAgreement
-from .attention_replay import AttentionReplay
+from .attention_replay import AttentionReplay, Handoff
 from .calibration import Calibration, calibration, fp_outputs, layer_statistics, site_rows, unneeded_readers
 from .config import DuQuantConfig, GPTQConfig, QuantConfig
 from .fitting import LayerQuantizer, quantize_layer
@@ -169,7 +169,7 @@ def observe_layer(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibr
                             fill)
 
 
-def row_refresh(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibration, fill, replay: list | None):
+def row_refresh(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibration, fill, replay: Handoff | None):
     """With `fit_order="sequential"`, what step 2 calls before each depth of sites: their rows in the
     layer with the earlier sites already quantized (None: every site fits on the FP layer's rows).
     Each pass leaves its record of the attention in `replay` for the next (duquant/attention_replay.py;
@@ -193,7 +193,7 @@ def gptq_step(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibratio
 
 
 def propagate(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibration, fp_next,
-              fp_router: nn.Module | None, last: bool, replay: list | None) -> dict:
+              fp_router: nn.Module | None, last: bool, replay: Handoff | None) -> dict:
     """Step 4: the next layer's inputs (this layer's quantized outputs, or its FP outputs computed
     before quantizing), with the routing agreement of the quantized router measured on the way.
     After the `last` layer no layer reads them, so its inputs stay as they are; a pass that is only
@@ -202,7 +202,7 @@ def propagate(job: LayerJob, layer: nn.Module, view: LayerView, data: Calibratio
     None without one, or where GPTQ has rounded the attention's weights since)."""
     info: dict = {}
     handle = agreement = None
-    attention = AttentionReplay(view.attn, view.attn_out, replay[0] if replay else None, None, frozenset())
+    attention = AttentionReplay(view.attn, view.attn_out, None if replay is None else replay.record, None, frozenset())
     if view.is_moe and fp_router is not None:
         agreement = RoutingAgreement(fp_router, view.routing)
         handle = view.mlp.get_submodule(job.spec.router).register_forward_hook(agreement)
@@ -239,7 +239,7 @@ def quantize_calibrated(job: LayerJob, layer: nn.Module, view: LayerView, data: 
         fill = expert_fill(job, layer, view, data, fp_next)
         stats, observed = observe_layer(job, layer, view, data, lq, fill)
         info.update(observed)
-    replay = [] if job.replay_attention else None  # the refresh passes' record of the attention
+    replay = Handoff() if job.replay_attention else None  # the refresh passes' record of the attention
     with clock("fitting"):
         attach_kv_quant(job, view)  # before fitting: sequential fitting sees attention KV-quantized
         layer_info, fp_router = quantize_layer(view, stats, lq, row_refresh(job, layer, view, data, fill, replay))
