@@ -358,19 +358,7 @@ def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: 
             return torch.cat([_greedy_rotation(xb[i : i + per], max_steps, g if g.dim() == 2 else g[i : i + per], False,
                                                stop, True) for i in range(0, xb.shape[0], per)])
     cur = xb.float()
-
-    def peak(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The score per block (or global) and the channel the next step should spread."""
-        if shared:
-            a = y.abs()
-            block, token, col = torch.unravel_index(a.argmax(), a.shape)
-            score = a[block, token, col] if stop == "absmax" else y.amax() - y.amin()
-            return score.reshape(1), ((token * xb.shape[0] + block) % xb.shape[2]).reshape(1)
-        hi, lo = y.amax(1), y.amin(1)  # per channel, no |y| copy of the rows
-        score, channel = torch.maximum(hi, -lo).max(-1)
-        return (score if stop == "absmax" else hi.amax(-1) - lo.amin(-1)), channel
-
-    best, channel = peak(cur)
+    best, channel = _search_peak(cur, shared, stop)
     spread = torch.empty(max_steps, channel.shape[0], dtype=torch.long, device=xb.device)
     kept = torch.zeros_like(channel)  # steps in each block's best prefix
     g32 = g.float()
@@ -384,7 +372,7 @@ def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: 
         else:
             _step_matrices(g32, channel, out=step)
             cur, spare_cur = torch.matmul(cur, step, out=spare_cur), cur
-        score, channel = peak(cur)
+        score, channel = _search_peak(cur, shared, stop)
         better = score < best
         best = torch.where(better, score, best)
         kept = torch.where(better, k + 1, kept)
@@ -392,6 +380,19 @@ def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: 
         return _kept_reflections(g, spread, kept)
     u, _, vh = torch.linalg.svd(_kept_product(g32, spread, kept).double())
     return u @ vh
+
+
+def _search_peak(y: torch.Tensor, shared: bool, stop: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The greedy search's score of the rows y [n, T, b], per block (or global when `shared`), and
+    the channel its next step spreads (`_greedy_rotation`)."""
+    if shared:
+        a = y.abs()
+        block, token, col = torch.unravel_index(a.argmax(), a.shape)
+        score = a[block, token, col] if stop == "absmax" else y.amax() - y.amin()
+        return score.reshape(1), ((token * y.shape[0] + block) % y.shape[2]).reshape(1)
+    hi, lo = y.amax(1), y.amin(1)  # per channel, no |y| copy of the rows
+    score, channel = torch.maximum(hi, -lo).max(-1)
+    return (score if stop == "absmax" else hi.amax(-1) - lo.amin(-1)), channel
 
 
 def _kept_product(g: torch.Tensor, spread: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

@@ -266,21 +266,9 @@ def _running_product_search(xb: torch.Tensor, max_steps: int, g: torch.Tensor, s
     """The search as it was before `_kept_product`: a running product of every step, the best
     prefix copied out whenever a block improves. Kept as the reference the new one must match bit for bit."""
     assert not reflection, "the reference is the dense kinds' search"
-    n, _, b = xb.shape
+    b = xb.shape[2]
     cur = xb.float()
-
-    def peak(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The score per block (or global) and the channel the next step should spread."""
-        if shared:
-            a = y.abs()
-            block, token, col = torch.unravel_index(a.argmax(), a.shape)
-            score = a[block, token, col] if stop == "absmax" else y.amax() - y.amin()
-            return score.reshape(1), ((token * n + block) % b).reshape(1)
-        hi, lo = y.amax(1), y.amin(1)  # per channel, no |y| copy of the rows
-        score, channel = torch.maximum(hi, -lo).max(-1)
-        return (score if stop == "absmax" else hi.amax(-1) - lo.amin(-1)), channel
-
-    best, channel = peak(cur)
+    best, channel = transforms._search_peak(cur, shared, stop)
     rot = torch.eye(b, device=xb.device).repeat(channel.shape[0], 1, 1)
     best_rot, step = rot.clone(), torch.empty_like(rot)
     spare_cur, spare_rot = torch.empty_like(cur), torch.empty_like(rot)
@@ -289,7 +277,7 @@ def _running_product_search(xb: torch.Tensor, max_steps: int, g: torch.Tensor, s
         transforms._step_matrices(g32, channel, out=step)
         cur, spare_cur = torch.matmul(cur, step, out=spare_cur), cur
         rot, spare_rot = torch.matmul(rot, step, out=spare_rot), rot
-        score, channel = peak(cur)
+        score, channel = transforms._search_peak(cur, shared, stop)
         better = score < best
         best = torch.where(better, score, best)
         best_rot[better] = rot[better]
