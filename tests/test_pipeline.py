@@ -167,7 +167,7 @@ def test_agreement_only_passes_compute_no_expert_and_change_nothing(arch, propag
         calib, x = tiny_data(tok)
         if not skip:
             monkeypatch.setattr(pipeline, "unneeded_readers", lambda view, hooks: [])
-            monkeypatch.setattr(pipeline, "propagate", lambda *a: original(*a[:-1], False))
+            monkeypatch.setattr(pipeline, "propagate", lambda *a: original(*a[:-1], None))
         spec = get_spec(model)
         expert_calls = []
         last = decoder_layers(model, spec)[-1]
