@@ -316,6 +316,10 @@ class _DenseSteps:
         if g.dim() == 2 and g.shape[-1] ** 3 <= STEP_TABLE_ENTRIES:
             self.table = _step_matrices(g, torch.arange(g.shape[-1], device=g.device))
 
+    def in_order(self, order: torch.Tensor) -> "_DenseSteps":
+        """The steps of the blocks taken in `order` (one shared matrix serves any order)."""
+        return self if self.g.dim() == 2 else _DenseSteps(self.g[order])
+
     def fill(self, channel: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The matrices of the leading len(channel) blocks into out [len(channel), b, b]."""
         if self.table is not None:
@@ -405,7 +409,7 @@ def _greedy_rotation(xb: torch.Tensor, max_steps: int, g: torch.Tensor, shared: 
         kept = torch.where(better, k + 1, kept)
     if reflection:
         return _kept_reflections(g, spread, kept)
-    u, _, vh = torch.linalg.svd(_kept_product(g32, spread, kept).double())
+    u, _, vh = torch.linalg.svd(_kept_product(steps, spread, kept).double())
     return u @ vh
 
 
@@ -422,20 +426,20 @@ def _search_peak(y: torch.Tensor, shared: bool, stop: str) -> tuple[torch.Tensor
     return (score if stop == "absmax" else hi.amax(-1) - lo.amin(-1)), channel
 
 
-def _kept_product(g: torch.Tensor, spread: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+def _kept_product(steps: _DenseSteps, spread: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """Per block i, the product of its first kept[i] step matrices [m, b, b] (float32), given the
-    channel each step spread (spread [steps, m]) and the spreading matrix g ([b, b] or [m, b, b]).
+    channel each step spread (spread [n_steps, m]) and the search's `_DenseSteps`.
 
     The product is formed left to right, step by step, exactly as a running product over the
     search would form it. Every block's product is its own batched matmul, so leaving other blocks
     out of the batch changes no bit: the blocks are ordered by how many steps they keep, and step
     k multiplies the leading ones that keep it, as views (no gathered copies, one sync in all).
     """
-    m, b = kept.shape[0], g.shape[-1]
+    m, b = kept.shape[0], steps.g.shape[-1]
     order = torch.argsort(kept, descending=True, stable=True)
-    steps = _DenseSteps(g if g.dim() == 2 else g[order])
+    steps = steps.in_order(order)
     spread = spread[:, order]
-    rot = torch.eye(b, device=g.device).repeat(m, 1, 1)
+    rot = torch.eye(b, device=steps.g.device).repeat(m, 1, 1)
     step, product = torch.empty_like(rot), torch.empty_like(rot)
     active = (kept[None] > torch.arange(int(kept.max()) if m else 0, device=kept.device)[:, None]).sum(1)
     for k, n in enumerate(active.tolist()):
